@@ -1,0 +1,250 @@
+"""flax.linen models: ViT, text transformer and the image-text two-tower.
+
+    config.model = vlm_jax.models.default_config()     # every field, locked
+    model = vlm_jax.models.build(config.model)          # -> TwoTower
+    model, variables = vlm_jax.models.init(config, rng) # plain (unboxed) float32 arrays
+    specs = vlm_jax.models.logical_specs(model, config) # logical PartitionSpecs, same tree
+
+Model config schema (``default_config()``; a recipe overrides fields, an unknown
+key is an error):
+
+    model.image.type           "vit"      image tower kind (only "vit" here)
+    model.image.variant        "B/16"     size/patch, see vit.decode_variant
+    model.image.width          None       explicit values override the variant
+    model.image.depth          None
+    model.image.mlp_dim        None
+    model.image.num_heads      None
+    model.image.patch_size     None       None -> from the variant ("B/16" -> 16)
+    model.image.image_size     224        input size the learned posemb is stored for
+    model.image.pool_type      "map"      "map" | "gap" | "tok" (CLS) | "none"
+    model.image.posemb         "learn"    "learn" | "sincos2d"
+    model.image.stem           "patch"    "patch" (conv kernel=stride=patch) | "conv"
+    model.image.stem_features  (64, 128, 256)   conv stem: 3x3 conv widths
+    model.image.stem_strides   (2, 2, 2)        conv stem: their strides; token grid is
+                                                image_size / (prod(strides) * patch_size)
+    model.image.head           False      True: Dense(width -> out_dim) after pooling
+    model.image.head_bias      True
+    model.image.patch_bias     True       bias of the patch-embedding conv
+    model.image.pre_norm       False      LayerNorm before the encoder (CLIP)
+    model.image.dropout        0.0
+    model.image.act            "gelu_tanh"  "gelu_tanh" | "gelu" | "quick_gelu"
+    model.image.ln_eps         1e-6
+    model.image.remat          False      rematerialise each encoder block
+    model.text.variant         "B"        size, see text.decode_text_variant
+    model.text.width/depth/mlp_dim/num_heads   None (override the variant)
+    model.text.vocab_size      32000
+    model.text.max_len         64
+    model.text.pool_type       "last"     "last" | "eos" | "first" | "mean"
+    model.text.causal          False      causal attention mask (CLIP)
+    model.text.head_bias       True       False for CLIP's text projection
+    model.text.dropout         0.0
+    model.text.act             "gelu_tanh"
+    model.text.ln_eps          1e-6
+    model.text.remat           False
+    model.out_dim              None       shared embedding dim D; None -> text width.
+                                          The text tower always ends in Dense(D); the
+                                          image tower outputs D via its head, or its
+                                          width (must then equal D).
+    model.temperature_init     10.0       t is stored as log(t)
+    model.bias_init            -10.0      None -> no bias param, b = 0 (CLIP)
+    model.dtype                "float32"  compute dtype: "float32" | "bfloat16" | "float16";
+                                          params are always float32
+
+The default is SigLIP B/16 (203,155,970 params, as transformers' SiglipModel()).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.models import layers, text, two_tower, vit
+from vlm_jax.models.text import TextTransformer, decode_text_variant
+from vlm_jax.models.two_tower import TwoTower, l2_normalize
+from vlm_jax.models.vit import ViT, decode_variant
+
+__all__ = [
+    "default_config", "build", "init", "logical_specs", "abstract_variables", "dummy_inputs",
+    "count_params", "resolve_config", "ViT", "TextTransformer", "TwoTower", "decode_variant",
+    "decode_text_variant", "l2_normalize", "layers", "text", "two_tower", "vit",
+]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
+
+
+def _defaults() -> dict:
+    return dict(
+        image=dict(
+            type="vit", variant="B/16", width=None, depth=None, mlp_dim=None, num_heads=None,
+            patch_size=None, image_size=224, pool_type="map", posemb="learn", stem="patch",
+            stem_features=(64, 128, 256), stem_strides=(2, 2, 2), head=False, head_bias=True,
+            patch_bias=True, pre_norm=False, dropout=0.0, act="gelu_tanh", ln_eps=1e-6,
+            remat=False),
+        text=dict(
+            variant="B", width=None, depth=None, mlp_dim=None, num_heads=None,
+            vocab_size=32000, max_len=64, pool_type="last", causal=False, head_bias=True,
+            dropout=0.0, act="gelu_tanh", ln_eps=1e-6, remat=False),
+        out_dim=None,
+        temperature_init=10.0,
+        bias_init=-10.0,
+        dtype="float32",
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every model field with its default (SigLIP B/16), locked: unknown keys raise."""
+    cfg = ml_collections.ConfigDict(_defaults())
+    cfg.lock()
+    return cfg
+
+
+def _merge(defaults: dict, given: Mapping, path: str) -> dict:
+    out = dict(defaults)
+    for k, v in given.items():
+        if k not in defaults:
+            raise ValueError(f"Unknown model config key {path}.{k!s}; known keys: "
+                             f"{sorted(defaults)}")
+        if isinstance(defaults[k], dict):
+            if not isinstance(v, Mapping):
+                raise ValueError(f"{path}.{k} must be a dict of fields, got {v!r}")
+            out[k] = _merge(defaults[k], v, f"{path}.{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def _as_dict(cfg) -> dict:
+    if isinstance(cfg, ml_collections.ConfigDict):
+        return cfg.to_dict()
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"model config must be a ConfigDict or dict, got {type(cfg).__name__}")
+    return {k: _as_dict(v) if isinstance(v, (Mapping, ml_collections.ConfigDict)) else v
+            for k, v in cfg.items()}
+
+
+def _shape(section: dict, decoded: dict, path: str) -> dict:
+    out = {}
+    for k in _SHAPE_KEYS:
+        v = section[k] if section[k] is not None else decoded.get(k)
+        if v is None:
+            raise ValueError(f"{path}.{k} is not set and {path}.variant gives none")
+        out[k] = int(v)
+    return out
+
+
+def resolve_config(model_config) -> dict:
+    """Model config -> plain dict with variants decoded and every size explicit.
+
+    Returns {"image": ViT kwargs, "text": TextTransformer kwargs, "temperature_init",
+    "bias_init", "dtype"}; raises ValueError naming the field at fault.
+    """
+    cfg = _merge(_defaults(), _as_dict(model_config), "model")
+    img, txt = cfg["image"], cfg["text"]
+    if cfg["dtype"] not in _DTYPES:
+        raise ValueError(f"model.dtype={cfg['dtype']!r} is not one of {sorted(_DTYPES)}")
+    dtype = _DTYPES[cfg["dtype"]]
+    if img["type"] != "vit":
+        raise ValueError(f"model.image.type={img['type']!r} is not supported here (only 'vit')")
+
+    dec = decode_variant(img["variant"])
+    image_kw = _shape(img, dec, "model.image")
+    patch = img["patch_size"] if img["patch_size"] is not None else dec.get("patch_size")
+    if patch is None:
+        raise ValueError("model.image.patch_size is not set and model.image.variant "
+                         f"{img['variant']!r} has no '/patch' suffix")
+    text_kw = _shape(txt, decode_text_variant(txt["variant"]), "model.text")
+    out_dim = int(cfg["out_dim"]) if cfg["out_dim"] is not None else text_kw["width"]
+
+    image_kw.update(
+        patch_size=patch, image_size=img["image_size"], pool_type=img["pool_type"],
+        posemb=img["posemb"], stem=img["stem"], stem_features=tuple(img["stem_features"]),
+        stem_strides=tuple(img["stem_strides"]), head=out_dim if img["head"] else None,
+        head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
+        pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
+        ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype)
+    if not img["head"]:
+        d_img = image_kw["width"]
+        if img["pool_type"] == "none":
+            raise ValueError("model.image.pool_type='none' gives tokens, not one embedding "
+                             "per image; use map/gap/tok for a two-tower model")
+        if d_img != out_dim:
+            raise ValueError(f"model.image.head is False, so the image embedding has the "
+                             f"image width {d_img}, which differs from model.out_dim="
+                             f"{out_dim}; set model.image.head=True")
+    text_kw.update(
+        vocab_size=int(txt["vocab_size"]), max_len=int(txt["max_len"]),
+        pool_type=txt["pool_type"], causal=bool(txt["causal"]), head=out_dim,
+        head_bias=bool(txt["head_bias"]), dropout=float(txt["dropout"]), act=txt["act"],
+        ln_eps=float(txt["ln_eps"]), remat=bool(txt["remat"]), dtype=dtype)
+    return dict(image=image_kw, text=text_kw, out_dim=out_dim,
+                temperature_init=float(cfg["temperature_init"]),
+                bias_init=None if cfg["bias_init"] is None else float(cfg["bias_init"]),
+                dtype=dtype)
+
+
+def build(model_config) -> TwoTower:
+    """config.model (ConfigDict or dict; missing fields take defaults) -> unbound TwoTower."""
+    r = resolve_config(model_config)
+    return TwoTower(image=ViT(**r["image"]), text=TextTransformer(**r["text"]),
+                    temperature_init=r["temperature_init"], bias_init=r["bias_init"],
+                    dtype=r["dtype"])
+
+
+def _model_config(config):
+    if "model" not in config:
+        raise ValueError("config has no 'model' field (pass the whole recipe config)")
+    return config.model if hasattr(config, "model") else config["model"]
+
+
+def dummy_inputs(model_config, batch_size: int = 1):
+    """(images float32 [B, S, S, 3], tokens int32 [B, max_len]) zeros at the configured sizes."""
+    r = resolve_config(model_config)
+    s = r["image"]["image_size"]
+    h, w = (s, s) if isinstance(s, int) else tuple(s)
+    return (jnp.zeros((batch_size, h, w, 3), jnp.float32),
+            jnp.zeros((batch_size, r["text"]["max_len"]), jnp.int32))
+
+
+def _boxed_abstract(model: nn.Module, config):
+    images, tokens = dummy_inputs(_model_config(config))
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (images, tokens)]
+    return jax.eval_shape(functools.partial(model.init, train=False),
+                          jax.random.key(0), *shapes)
+
+
+def init(config, rng: jax.Array) -> tuple[TwoTower, dict]:
+    """Build config.model and initialise it -> (model, variables {"params": ...}).
+
+    ``config`` is a whole recipe config; ``rng`` a PRNG key. Inputs are zeros at
+    model.image.image_size / model.text.max_len. Leaves are plain float32 arrays.
+    """
+    model = build(_model_config(config))
+    images, tokens = dummy_inputs(_model_config(config))
+    variables = jax.jit(functools.partial(model.init, train=False))(rng, images, tokens)
+    return model, nn.meta.unbox(variables)
+
+
+def abstract_variables(model: nn.Module, config) -> dict:
+    """Shapes/dtypes (jax.ShapeDtypeStruct) of ``init``'s variables, with no allocation."""
+    return nn.meta.unbox(_boxed_abstract(model, config))
+
+
+def logical_specs(model: nn.Module, config) -> dict:
+    """Logical-axis PartitionSpecs of the variables, same tree as ``init``'s ``variables``.
+
+    E.g. specs["params"]["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]
+    ["kernel"] == PartitionSpec("embed", "mlp"). Names are listed in ``layers``.
+    """
+    return nn.get_partition_spec(_boxed_abstract(model, config))
+
+
+def count_params(tree) -> int:
+    """Total number of elements over the array (or ShapeDtypeStruct) leaves of ``tree``."""
+    return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree))

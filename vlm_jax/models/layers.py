@@ -1,0 +1,274 @@
+"""Transformer building blocks shared by the ViT, text and NaViT towers.
+
+Parameter names follow big_vision (``Transformer/encoderblock_{i}/...``,
+``MlpBlock_0/Dense_{0,1}``, ``MultiHeadDotProductAttention_0/{query,key,value,out}``)
+so that weight import from big_vision npz files and transformers is a renaming.
+
+Logical axis names
+------------------
+Every parameter is created through ``nn.with_logical_partitioning``; the parallel
+code maps these names to mesh axes with a rules table. A name missing from the
+rules leaves that dimension replicated.
+
+Parameters:
+
+    "embed"     model width D (residual stream): Dense in/out, LayerNorm-free dims,
+                posemb / cls / probe last dim, embedding table columns
+    "mlp"       MLP hidden dim (mlp_dim)
+    "heads"     attention heads
+    "kv"        per-head dim (head_dim = D / heads)
+    "vocab"     token-embedding rows
+    "norm"      LayerNorm scale and bias [D] (small; usually replicated)
+    "conv_in"   input channels of a convolution kernel (3 for RGB, or stem features)
+    "conv_out"  output channels of a conv-stem convolution (not the final patch
+                projection, whose output dim is "embed")
+    "proj"      output dim of a tower's final projection ``head`` (the shared
+                image-text embedding dim)
+    None        replicated: spatial kernel dims, leading singleton dims, scalars
+                such as the two-tower ``t`` and ``b``
+
+Activations (``nn.with_logical_constraint``, a no-op without rules):
+
+    ("batch", "length", "embed")   token streams between blocks
+    ("batch", "length", "mlp")     the MLP hidden activation
+    ("batch", "embed")             pooled features
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Array = jax.Array
+
+_LN_DEFAULT_EPS = 1e-6
+
+
+def named_init(init, names):
+    """Shorthand: an initializer whose param carries logical axis ``names``."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+    """Logical sharding constraint on an activation (a no-op without axis rules)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def _quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    # tanh approximation: big_vision's nn.gelu default, transformers "gelu_pytorch_tanh".
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),  # exact erf form
+    "quick_gelu": _quick_gelu,  # OpenAI CLIP
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Activation by config name: one of ``ACTIVATIONS`` ("gelu_tanh", "gelu", "quick_gelu")."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dot_product_attention_f32(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                              dropout_rng=None, dropout_rate=0.0, deterministic=False,
+                              dtype=None, precision=None, module=None):
+    """Default attention: flax's dot-product attention with the softmax in float32.
+
+    query [B, Lq, H, Dh], key/value [B, Lk, H, Dh]; mask broadcastable to
+    [B, H, Lq, Lk] (True = attend). Returns [B, Lq, H, Dh] in the compute dtype.
+    Custom ``attention_fn`` hooks receive the same arguments (those their
+    signature accepts).
+    """
+    return nn.dot_product_attention(
+        query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
+        dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
+        dtype=dtype, precision=precision, module=module, force_fp32_for_softmax=True)
+
+
+def layer_norm(name: str | None = None, eps: float = _LN_DEFAULT_EPS, dtype: Dtype = jnp.float32):
+    """LayerNorm with logically named scale/bias (["norm"])."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, name=name,
+        scale_init=named_init(nn.initializers.ones, ("norm",)),
+        bias_init=named_init(nn.initializers.zeros, ("norm",)))
+
+
+def attention(num_heads: int, *, dtype: Dtype, attention_fn: Callable | None = None,
+              dropout_rate: float = 0.0, name: str | None = None) -> nn.MultiHeadDotProductAttention:
+    """Multi-head attention with logically named query/key/value/out DenseGeneral params.
+
+    query/key/value kernels [D, H, Dh] ("embed", "heads", "kv") with biases [H, Dh];
+    out kernel [H, Dh, D] ("heads", "kv", "embed") with bias [D].
+    """
+    init = nn.initializers.xavier_uniform()
+    return nn.MultiHeadDotProductAttention(
+        num_heads=num_heads, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=named_init(init, ("embed", "heads", "kv")),
+        bias_init=named_init(nn.initializers.zeros, ("heads", "kv")),
+        out_kernel_init=named_init(init, ("heads", "kv", "embed")),
+        out_bias_init=named_init(nn.initializers.zeros, ("embed",)),
+        attention_fn=attention_fn or dot_product_attention_f32,
+        dropout_rate=dropout_rate, force_fp32_for_softmax=True,
+        deterministic=True, name=name)
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP: Dense(mlp_dim) -> act -> dropout -> Dense(D). [..., D] -> [..., D]."""
+
+    mlp_dim: int
+    dropout: float = 0.0
+    act: str = "gelu_tanh"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        d = x.shape[-1]
+        kinit = nn.initializers.xavier_uniform()
+        binit = nn.initializers.normal(stddev=1e-6)
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=named_init(kinit, ("embed", "mlp")),
+                     bias_init=named_init(binit, ("mlp",)))(x)
+        x = get_activation(self.act)(x)
+        if x.ndim == 3:
+            x = constrain(x, ("batch", "length", "mlp"))
+        x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+        return nn.Dense(d, dtype=self.dtype, kernel_init=named_init(kinit, ("mlp", "embed")),
+                        bias_init=named_init(binit, ("embed",)))(x)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    x [B, L, D] -> [B, L, D]. ``mask`` broadcastable to [B, H, L, L], True = attend.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    act: str = "gelu_tanh"
+    ln_eps: float = _LN_DEFAULT_EPS
+    attention_fn: Callable | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
+        y = layer_norm(eps=self.ln_eps, dtype=self.dtype)(x)
+        y = attention(self.num_heads, dtype=self.dtype, attention_fn=self.attention_fn)(
+            y, y, mask=mask)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        x = constrain(x + y, ("batch", "length", "embed"))
+        y = layer_norm(eps=self.ln_eps, dtype=self.dtype)(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.act, self.dtype)(y, train)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        return constrain(x + y, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """Stack of ``depth`` Encoder1DBlocks ("encoderblock_{i}") and a final LayerNorm ("encoder_norm").
+
+    x [B, L, D] -> (x [B, L, D], out) with out["block{i:02d}"] the output of block i
+    (before the final norm). ``remat`` recomputes each block in the backward pass.
+    """
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    act: str = "gelu_tanh"
+    ln_eps: float = _LN_DEFAULT_EPS
+    attention_fn: Callable | None = None
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None, train: bool = False):
+        out = {}
+        block_cls = Encoder1DBlock
+        if self.remat:
+            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,))  # (self, x, mask, train)
+        x = constrain(x, ("batch", "length", "embed"))
+        for i in range(self.depth):
+            x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                          act=self.act, ln_eps=self.ln_eps, attention_fn=self.attention_fn,
+                          dtype=self.dtype, name=f"encoderblock_{i}")(x, mask, train)
+            out[f"block{i:02d}"] = x
+        x = layer_norm("encoder_norm", self.ln_eps, self.dtype)(x)
+        return x, out
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens.
+
+    x [B, L, D] -> [B, D]. ``probe`` [1, 1, D]; then y + MLP(LN(y)). ``mask``
+    (optional, [B, L] bool or broadcastable to [B, H, 1, L]) hides padding tokens.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    act: str = "gelu_tanh"
+    ln_eps: float = _LN_DEFAULT_EPS
+    attention_fn: Callable | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        b, _, d = x.shape
+        probe = self.param("probe", named_init(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                           (1, 1, d), jnp.float32)
+        probe = jnp.tile(probe, (b, 1, 1)).astype(self.dtype)
+        if mask is not None and mask.ndim == 2:
+            mask = mask[:, None, None, :]
+        y = attention(self.num_heads, dtype=self.dtype, attention_fn=self.attention_fn)(
+            probe, x, mask=mask)
+        z = layer_norm(eps=self.ln_eps, dtype=self.dtype)(y)
+        y = y + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype)(z)
+        return constrain(y[:, 0], ("batch", "embed"))
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0,
+                     dtype: Dtype = jnp.float32) -> Array:
+    """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision layout).
+
+    Returns [1, h*w, width], row-major over the (row, col) grid; channels are
+    [sin(x), cos(x), sin(y), cos(y)] blocks of width/4 frequencies each, with
+    x the column and y the row index. ``width`` must be a multiple of 4.
+    """
+    if width % 4:
+        raise ValueError(f"sincos2d posemb needs width divisible by 4, got width={width}")
+    y, x = np.mgrid[:h, :w]
+    n = width // 4
+    omega = np.arange(n) / max(n - 1, 1)
+    omega = 1.0 / (temperature ** omega)
+    y = np.einsum("m,d->md", y.reshape(-1), omega)
+    x = np.einsum("m,d->md", x.reshape(-1), omega)
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return jnp.asarray(pe[None], dtype)
+
+
+def resize_posemb(posemb: Array, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> Array:
+    """Bilinearly resize a learned posemb [1, gh*gw, D] laid out on ``old_hw`` to ``new_hw``."""
+    if tuple(old_hw) == tuple(new_hw):
+        return posemb
+    d = posemb.shape[-1]
+    grid = posemb.reshape(1, *old_hw, d)
+    grid = jax.image.resize(grid, (1, *new_hw, d), method="bilinear")
+    return grid.reshape(1, new_hw[0] * new_hw[1], d)
+
+
+def learned_posemb(module: nn.Module, name: str, shape: tuple[int, ...]) -> Array:
+    """Create (inside ``module``'s compact scope) a learned posemb param, std 1/sqrt(D).
+
+    ``shape`` is e.g. [1, N, D]; axis names (None, None, "embed").
+    """
+    init = nn.initializers.normal(stddev=1.0 / np.sqrt(shape[-1]))
+    names = (None,) * (len(shape) - 1) + ("embed",)
+    return module.param(name, named_init(init, names), shape, jnp.float32)
