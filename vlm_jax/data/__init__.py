@@ -1,0 +1,13 @@
+"""Input data: sources (embedded shapes, TFDS, image folders), preprocessing,
+tokenizers, grain pipelines, and NaViT packing (``packing``).
+
+    from vlm_jax.data import pipeline, config
+    cfg = config.default_config(); cfg.seed = 0; cfg.batch_size = 256
+    it = iter(pipeline.train_dataset(cfg))
+    batch = next(it)   # {"image": float32 [256,32,32,3], "tokens": int32 [256,64]}
+"""
+
+from vlm_jax.data.preprocess import CorruptExampleError
+from vlm_jax.data.shapes import CLASSNAMES, ZEROSHOT_TEMPLATES, class_prompts
+from vlm_jax.data.sources import CaptionsFileError, FolderSource, TfdsSource, build_source
+from vlm_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, build_tokenizer

@@ -1,0 +1,74 @@
+"""Defaults for every data-related config field; recipes start here and override.
+
+    config = vlm_jax.data.config.default_config()   # data, pp, tokenizer, evals.zeroshot
+    config.seed, config.batch_size = 0, 256            # recipe top-level fields also read
+
+The pipeline also reads two top-level fields that every recipe has: ``seed``
+(the shuffle order and augmentation randomness) and ``batch_size`` (global).
+Fields that may be unset are ml_collections placeholders, so they can still be
+overridden from the command line (``--config.data.tfds.data_dir=/data``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """ConfigDict with fields ``data``, ``pp``, ``tokenizer`` and ``evals.zeroshot``."""
+    c = ml_collections.ConfigDict()
+
+    # ---- data: where examples come from, and how they are read.
+    c.data = ml_collections.ConfigDict()
+    # "shapes" (embedded procedural captions, the default) | "tfds" | "folder".
+    c.data.source = "shapes"
+    c.data.shapes = ml_collections.ConfigDict()
+    c.data.shapes.train_size = 100_000_000  # virtual length of the "train" split
+    c.data.shapes.heldout_size = 5_000  # length of the "heldout" split (zero-shot eval)
+    c.data.shapes.seed = 0  # dataset seed: which images exist (not the shuffle order)
+    c.data.shapes.image_size = config_dict.placeholder(int)  # render size; None: pp.image_size
+    c.data.tfds = ml_collections.ConfigDict()
+    c.data.tfds.name = ""  # e.g. "cifar10", "coco_captions"
+    c.data.tfds.split = "train"  # training split (TFDS split string)
+    c.data.tfds.data_dir = config_dict.placeholder(str)  # None: TFDS default
+    c.data.tfds.image_key = "image"
+    c.data.tfds.text_key = config_dict.placeholder(str)  # caption feature ("a/b" nested); None: use label
+    c.data.tfds.label_key = "label"  # ClassLabel feature; "" for none
+    c.data.tfds.caption_template = "a photo of a {}."  # caption from the class name when no text_key
+    c.data.folder = ml_collections.ConfigDict()
+    c.data.folder.path = ""  # folder of images
+    c.data.folder.captions = "captions.jsonl"  # .jsonl or .csv, relative to path
+    c.data.shuffle = True  # global shuffle (by config.seed, a new order every epoch)
+    c.data.num_threads = 2  # threads that read + preprocess examples (0: in the caller's thread)
+    c.data.prefetch_buffer_size = 256  # examples read ahead by those threads
+    c.data.max_consecutive_skips = 1000  # this many corrupt examples in a row is an error
+
+    # ---- pp: image preprocessing (training; evaluation uses eval_crop and no flip).
+    c.pp = ml_collections.ConfigDict()
+    c.pp.image_size = 32  # output side in pixels
+    c.pp.crop = "resize"  # "resize" (squash) | "center" | "random_resized"
+    c.pp.eval_crop = config_dict.placeholder(str)  # None: crop, or "center" when crop is random_resized
+    c.pp.crop_scale = (0.08, 1.0)  # random_resized: area fraction range
+    c.pp.crop_ratio = (0.75, 4 / 3)  # random_resized: aspect ratio (w/h) range
+    c.pp.resize_method = "bilinear"  # "nearest" | "bilinear" | "bicubic" | "lanczos"
+    c.pp.flip = False  # random left-right flip (off: shapes captions say "left"/"right")
+    c.pp.value_range = (-1.0, 1.0)  # pixels 0-255 map linearly onto this range, float32
+
+    # ---- tokenizer: captions -> int32 [B, max_len].
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = "bytes"  # "bytes" (vocab 258, no file) | "sentencepiece"
+    c.tokenizer.model_path = ""  # SentencePiece .model file (kind "sentencepiece")
+    c.tokenizer.max_len = 64  # tokens per caption, EOS included (shapes captions are <= 60 bytes)
+
+    # ---- evals.zeroshot: zero-shot classification on a labelled split.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.zeroshot = ml_collections.ConfigDict()
+    c.evals.zeroshot.split = "heldout"  # shapes: "heldout"; TFDS: e.g. "test"
+    c.evals.zeroshot.num_examples = 2000  # first N examples of the split; -1 for all
+    c.evals.zeroshot.batch_size = 256  # images per encode call
+    c.evals.zeroshot.templates = config_dict.placeholder(tuple)  # None: the source's templates
+    # Optional ConfigDict shaped like ``data`` to evaluate on another source (e.g.
+    # train on a folder, evaluate on TFDS cifar10); None: ``config.data``.
+    c.evals.zeroshot.data = None
+    return c
