@@ -1,0 +1,127 @@
+"""Helpers for recipes: the `file.py:ARG` string and config validation.
+
+Every recipe's ``get_config(arg=None)`` takes a string such as ``"runlocal"`` or
+``"runlocal,res=64,batch_size=32"`` (big_vision's convention). ``parse_arg``
+turns it into a ConfigDict of typed values, so recipes read
+``arg.runlocal``, ``arg.res`` and so on.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _parse_value(text: str, default):
+  if isinstance(default, bool):
+    low = text.lower()
+    if low in ("1", "true", "yes", "t", "y", ""):
+      return True
+    if low in ("0", "false", "no", "f", "n"):
+      return False
+    raise ValueError(f"not a bool: {text!r}")
+  if default is None:
+    return text
+  return type(default)(text)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses ``"flag,key=value,..."`` against ``defaults`` (name -> default).
+
+  A bare ``name`` sets a bool to True. Unknown names and values that do not
+  parse as the default's type raise ValueError naming the key.
+  """
+  out = dict(defaults)
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    key, eq, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
+    if not eq:
+      if not isinstance(defaults[key], bool):
+        raise ValueError(f"Config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+      continue
+    try:
+      out[key] = _parse_value(value.strip(), defaults[key])
+    except (TypeError, ValueError) as e:
+      raise ValueError(
+          f"Config argument {key!r}: cannot parse {value!r} as "
+          f"{type(defaults[key]).__name__}") from e
+  return ml_collections.ConfigDict(out)
+
+
+REQUIRED_TOP_LEVEL = (
+    "seed", "total_steps", "batch_size", "checkpoint_every", "eval_every",
+    "log_every", "model", "optimizer", "mesh", "data",
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields every recipe must have and their ranges.
+
+  Raises ValueError naming the first field at fault.
+  """
+  for key in REQUIRED_TOP_LEVEL:
+    if key not in config:
+      raise ValueError(f"config is missing the required field {key!r}")
+
+  def _int(name, minimum):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"config.{name} must be an int, got {value!r}")
+    if value < minimum:
+      raise ValueError(f"config.{name} must be >= {minimum}, got {value}")
+
+  _int("seed", -(2**31))
+  _int("total_steps", 1)
+  _int("batch_size", 1)
+  for name in ("checkpoint_every", "eval_every", "log_every"):
+    _int(name, 0)
+  mesh = list(config.mesh)
+  if not mesh:
+    raise ValueError("config.mesh must name at least one axis, e.g. [('data', -1)]")
+  for entry in mesh:
+    if len(entry) != 2 or not isinstance(entry[0], str) or not isinstance(entry[1], int):
+      raise ValueError(f"config.mesh entries are (name, size) pairs, got {entry!r}")
+  if sum(1 for _, size in mesh if size == -1) > 1:
+    raise ValueError(f"config.mesh may have at most one axis of size -1: {mesh}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The shared base of every recipe: all top-level fields with their defaults.
+
+  Recipes start here and override. Every field exists, so an override of a
+  misspelt key (``--config.batch_sise=8``) is an error that names it.
+  """
+  # pylint: disable=import-outside-toplevel
+  from vlm_jax import models, optim
+  from vlm_jax.data import config as data_config
+
+  c = data_config.default_config()       # data, pp, tokenizer, evals.zeroshot
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256                     # global, over all devices and hosts
+  c.log_every = 50                       # 0 turns a periodic action off
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3                 # most recent checkpoints kept
+  c.keep_best_metric = ""                # e.g. "zeroshot/top1": also keep the best one
+  c.model = models.default_config()
+  c.optimizer = optim.default_config()
+  c.loss = "sigmoid"                     # "sigmoid" (SigLIP) | "softmax" (CLIP)
+  c.loss_impl = "chunked"                # "chunked" (ring) | "gather" | "dense"
+  # Micro-batches per step: the gradient of the full batch_size-batch loss
+  # (all B x B pairs) is accumulated over this many sequential micro-batches,
+  # trading time for activation memory. batch_size must be divisible by
+  # grad_accum_steps x the mesh's batch shards.
+  c.grad_accum_steps = 1
+  # Device mesh: axes and sizes, -1 = all remaining devices. The batch is split
+  # over "data" and "fsdp"; params are split by the logical-axis rules
+  # (vlm_jax.parallel.DEFAULT_RULES): "embed" over fsdp, "mlp"/"heads" over tensor.
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.mesh_axis_types = "auto"             # "auto" | "explicit"
+  return c

@@ -1,0 +1,1 @@
+"""Evaluators: zero-shot classification (more in later issues)."""
