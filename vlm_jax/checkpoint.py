@@ -8,6 +8,15 @@ A checkpoint under ``WORKDIR/checkpoints/<step>/`` holds two items:
 
 Saves are asynchronous; a save is only visible once Orbax has finalised it
 (atomic rename), so a run killed mid-save leaves the previous checkpoint intact.
+The last ``config.keep_checkpoints`` checkpoints are kept, and with
+``config.keep_best_metric`` (e.g. "zeroshot/top1") the best one by it as well.
+
+Arrays are stored as global arrays, not per device, so a checkpoint written on one
+mesh restores onto any other: ``Checkpointer.restore`` takes the target
+shardings, ``load(workdir, mesh=...)`` places params by their logical axes.
+
+    ckpt = vlm_jax.checkpoint.load("/tmp/shapes")          # latest, on one device
+    ckpt.model.apply(ckpt.variables, images, method="encode_image")
 """
 
 from __future__ import annotations
@@ -31,11 +40,16 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for the train loop.
 
+  Retention: the ``keep`` most recent checkpoints, plus (with ``best_metric``)
+  the single best one by that metric, however old. The metrics of a save are
+  written with it (Orbax's ``metrics`` item), so the best survives restarts.
+
   Args:
     workdir: the run's directory; checkpoints go to ``workdir/checkpoints``.
     keep: how many recent checkpoints to keep (None keeps all).
-    best_metric: optional metric name (e.g. "zeroshot/top1"); when set, the
-      best checkpoint by it is kept as well as the last ``keep``.
+    best_metric: optional metric name (e.g. "zeroshot/top1"; ``config.keep_best_metric``);
+      when set, the best checkpoint by it is kept as well as the last ``keep``.
+      Checkpoints saved without that metric compete only as recent ones.
     best_mode: "max" or "min" for ``best_metric``.
     async_save: write in a background thread.
   """
@@ -43,25 +57,53 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int | None = 3,
                best_metric: str | None = None, best_mode: str = "max",
                async_save: bool = True):
-    self.best_metric = best_metric
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+      raise ValueError(f"config.keep_checkpoints must be an int >= 1 or None, got {keep!r}")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    self.best_metric = best_metric or None
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if self.best_metric:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: float(m[self.best_metric]),
+          reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        best_fn=(lambda m: m[best_metric]) if best_metric else None,
+        # best_fn makes Orbax store each save's metrics; the policy decides what stays.
+        best_fn=(lambda m: float(m[self.best_metric])) if self.best_metric else None,
         best_mode=best_mode,
-        keep_checkpoints_without_metrics=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         create=True,
     )
     self.manager = ocp.CheckpointManager(
         checkpoint_dir(workdir), item_names=("state", "data"), options=options)
 
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints on disk, ascending."""
+    return sorted(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The step of the best checkpoint by ``best_metric`` (None without one)."""
+    return self.manager.best_step() if self.best_metric else None
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict | None,
            metrics: dict | None = None, *, force: bool = True) -> None:
-    """Starts an (async) save of ``state`` and the data iterator state."""
-    metrics = metrics if self.best_metric and metrics and self.best_metric in metrics else None
+    """Starts an (async) save of ``state`` and the data iterator state.
+
+    ``metrics``: the evaluation metrics of this step, if any; with ``best_metric``
+    set they must contain it (ValueError naming ``config.keep_best_metric`` otherwise).
+    """
+    if self.best_metric and metrics:
+      if self.best_metric not in metrics:
+        raise ValueError(
+            f"config.keep_best_metric={self.best_metric!r} is not among the evaluation "
+            f"metrics {sorted(metrics)}")
+      metrics = {self.best_metric: float(metrics[self.best_metric])}
+    else:
+      metrics = None
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -95,6 +137,7 @@ class LoadedCheckpoint:
   model: Any
   params: Any
   step: int
+  mesh: Any = None  # the mesh ``params`` are sharded on; None: one device
 
   @property
   def variables(self):
@@ -102,6 +145,7 @@ class LoadedCheckpoint:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config from ``workdir/config.json`` (written by the trainer)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a vlm_jax workdir?")
@@ -117,17 +161,41 @@ def _to_config(obj):
   return obj
 
 
-def load(workdir: str, step: int | None = None) -> LoadedCheckpoint:
+def sharding_rules(config):
+  """``config.sharding_rules`` as a tuple of (logical name, mesh axes) pairs, or the defaults."""
+  from vlm_jax import parallel  # pylint: disable=import-outside-toplevel
+  rules = config.get("sharding_rules")
+  if not rules:
+    return parallel.DEFAULT_RULES
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+
+
+def param_shardings(model, config, mesh):
+  """NamedShardings of the params on ``mesh`` from their logical axes (as in training)."""
+  from vlm_jax import models, parallel  # pylint: disable=import-outside-toplevel
+  specs = models.logical_specs(model, config)["params"]
+  return parallel.logical_to_shardings(specs, mesh, sharding_rules(config))
+
+
+def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoint:
   """Loads a training run's checkpoint for evaluation.
+
+  Works whatever mesh or device count the run was trained on: arrays are
+  resharded on restore.
 
   Args:
     workdir: the directory given to ``python -m vlm_jax.train --workdir``.
     step: which checkpoint; the latest when None.
+    mesh: optional ``jax.sharding.Mesh`` to place the params on, sharded by their
+      logical axes and the run's ``sharding_rules`` (FSDP/TP for models that do
+      not fit one device). None: everything on the first local device.
 
   Returns:
     LoadedCheckpoint with ``config`` (the run's config), ``model`` (the built
-    flax module), ``params`` (float32 numpy-backed jax arrays on the default
-    device) and ``step``.
+    flax module), ``params`` (float32 jax arrays), ``step`` and ``mesh``.
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in ``workdir``.
+    ValueError: no checkpoint at ``step``.
   """
   from vlm_jax import models  # pylint: disable=import-outside-toplevel
 
@@ -135,26 +203,31 @@ def load(workdir: str, step: int | None = None) -> LoadedCheckpoint:
   manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), item_names=("state", "data"),
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(workdir)}")
-  if step is None:
-    step = manager.latest_step()
-  elif step not in steps:
-    raise ValueError(f"no checkpoint at step {step} in {workdir}; have {sorted(steps)}")
-  model = models.build(config.model)
-  # Restore the params subtree only, onto the local default device.
-  meta = manager.item_metadata(step)["state"]
-  param_meta = meta["params"] if isinstance(meta, dict) else meta.params
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), param_meta)
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": abstract},
-          restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding),
-                                    {"params": abstract}),
-          partial_restore=True)))
-  manager.close()
-  return LoadedCheckpoint(config=config, model=model,
-                          params=restored["state"]["params"], step=int(step))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(workdir)}")
+    if step is None:
+      step = manager.latest_step()
+    elif step not in steps:
+      raise ValueError(f"no checkpoint at step {step} in {workdir}; have {sorted(steps)}")
+    model = models.build(config.model)
+    abstract = models.abstract_variables(model, config)["params"]
+    if mesh is None:
+      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: one, abstract)
+    else:
+      shardings = param_shardings(model, config, mesh)
+    # Restore only the params subtree, straight onto the target shardings.
+    abstract = {"params": jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)}
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                      abstract),
+            partial_restore=True)))
+  finally:
+    manager.close()
+  return LoadedCheckpoint(config=config, model=model, params=restored["state"]["params"],
+                          step=int(step), mesh=mesh)

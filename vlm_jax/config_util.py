@@ -89,6 +89,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.mesh entries are (name, size) pairs, got {entry!r}")
   if sum(1 for _, size in mesh if size == -1) > 1:
     raise ValueError(f"config.mesh may have at most one axis of size -1: {mesh}")
+  _validate_keep_best(config)
+
+
+def _validate_keep_best(config) -> None:
+  """keep_best_metric must be an evaluator's metric, evaluated at checkpoint steps."""
+  best = config.get("keep_best_metric")
+  if not best:
+    return
+  from vlm_jax import evaluators  # pylint: disable=import-outside-toplevel
+  names = evaluators.metric_names(config)
+  if best not in names:
+    raise ValueError(f"config.keep_best_metric={best!r} is not reported by the enabled "
+                     f"evaluators (config.evals); they report {names}")
+  every, ckpt = config.eval_every, config.checkpoint_every
+  if every and (not ckpt or every % ckpt):
+    raise ValueError(
+        f"config.keep_best_metric needs every evaluation step to be a checkpoint step: "
+        f"config.eval_every={every} must be a multiple of config.checkpoint_every={ckpt}")
 
 
 def base_config() -> ml_collections.ConfigDict:

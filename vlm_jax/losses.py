@@ -113,17 +113,34 @@ def _unshard_explicit(y):
     return jax.reshard(y, jax.sharding.NamedSharding(sharding.mesh, P()))
 
 
-def _sigmoid_block(x, y, t, b, positive: bool) -> jax.Array:
-    """Sum over a block of -log sigmoid(z * (t x.y + b)); float32 inputs."""
+def _sigmoid_block(x, y, t, b, positive: bool, vx=None, vy=None) -> jax.Array:
+    """Sum over a block of -log sigmoid(z * (t x.y + b)); float32 inputs.
+
+    vx [bx], vy [by] (float 0/1, optional): only pairs of valid rows and columns count.
+    """
     logits = t * (x @ y.T) + b
     if positive:
         z = 2.0 * jnp.eye(x.shape[0], y.shape[0], dtype=jnp.float32) - 1.0
     else:
         z = -1.0
-    return -jnp.sum(jax.nn.log_sigmoid(z * logits))
+    terms = jax.nn.log_sigmoid(z * logits)
+    if vx is not None:
+        terms = terms * (vx[:, None] * vy[None, :])
+    return -jnp.sum(terms)
 
 
-def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t, b) -> jax.Array:
+def _check_valid(valid, batch: int) -> jax.Array | None:
+    """valid [B] bool/0-1 -> float32 [B] (None stays None)."""
+    if valid is None:
+        return None
+    valid = jnp.asarray(valid)
+    if valid.shape != (batch,):
+        raise ValueError(f"valid must be [B] = [{batch}] (one flag per row), got shape "
+                         f"{tuple(valid.shape)}")
+    return valid.astype(jnp.float32)
+
+
+def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t, b, valid=None) -> jax.Array:
     """SigLIP pairwise sigmoid loss on a (global) batch.
 
     ``-(1/B) * sum_ij log sigmoid(z_ij * (t * <x_i, y_j> + b))`` with
@@ -134,6 +151,10 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t, b) -> jax.Array:
       ztxt: ``[B, D]`` normalised text embeddings, row ``i`` pairs with ``zimg[i]``.
       t: scalar temperature (already exponentiated).
       b: scalar logit bias.
+      valid: optional ``[B]`` bool: which rows are real pairs (NaViT batches
+        have empty slots). Only pairs (i, j) with both rows valid count, and the
+        sum is divided by the number of valid rows: the loss of the batch with
+        the invalid rows removed. None: all rows are valid.
 
     Returns:
       float32 scalar, the loss summed over the B x B pairs and divided by B.
@@ -142,10 +163,13 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t, b) -> jax.Array:
     t, b = _scalar(t, "t"), _scalar(b, "b")
     x = zimg.astype(jnp.float32)
     y = _unshard_explicit(ztxt).astype(jnp.float32)
-    return _sigmoid_block(x, y, t, b, positive=True) / batch
+    v = _check_valid(valid, batch)
+    if v is None:
+        return _sigmoid_block(x, y, t, b, positive=True) / batch
+    return _sigmoid_block(x, y, t, b, True, v, _unshard_explicit(v)) / jnp.maximum(jnp.sum(v), 1.0)
 
 
-def softmax_loss(zimg: jax.Array, ztxt: jax.Array, t) -> jax.Array:
+def softmax_loss(zimg: jax.Array, ztxt: jax.Array, t, valid=None) -> jax.Array:
     """CLIP softmax contrastive loss.
 
     With ``logits = t * zimg @ ztxt.T``: the mean over the batch of the
@@ -156,18 +180,27 @@ def softmax_loss(zimg: jax.Array, ztxt: jax.Array, t) -> jax.Array:
       zimg: ``[B, D]`` normalised image embeddings (any float dtype).
       ztxt: ``[B, D]`` normalised text embeddings.
       t: scalar temperature (already exponentiated).
+      valid: optional ``[B]`` bool; invalid rows are left out of both softmaxes
+        and of the means (the loss of the batch without them).
 
     Returns:
       float32 scalar.
     """
-    _check_pair(zimg, ztxt)
+    batch, _ = _check_pair(zimg, ztxt)
     t = _scalar(t, "t")
     x = zimg.astype(jnp.float32)
     logits = t * (x @ _unshard_explicit(ztxt).astype(jnp.float32).T)
     diag = t * jnp.sum(x * ztxt.astype(jnp.float32), axis=1)  # the matching pairs
-    i2t = jax.nn.logsumexp(logits, axis=1) - diag
-    t2i = jax.nn.logsumexp(logits, axis=0) - diag
-    return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
+    v = _check_valid(valid, batch)
+    if v is None:
+        i2t = jax.nn.logsumexp(logits, axis=1) - diag
+        t2i = jax.nn.logsumexp(logits, axis=0) - diag
+        return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
+    vc = _unshard_explicit(v)
+    i2t = jax.nn.logsumexp(logits, axis=1, b=vc[None, :]) - diag
+    t2i = jax.nn.logsumexp(logits, axis=0, b=v[:, None]) - diag
+    n = jnp.maximum(jnp.sum(v), 1.0)
+    return 0.5 * (jnp.sum(jnp.where(v > 0, i2t, 0.0)) + jnp.sum(jnp.where(v > 0, t2i, 0.0))) / n
 
 
 # --------------------------------------------------------------------------- sharded
@@ -208,7 +241,8 @@ def _prepare(zimg, ztxt, t, b, mesh, batch_axes):
 
 
 def gathered_sigmoid_loss(
-    zimg: jax.Array, ztxt: jax.Array, t, b, *, mesh, batch_axes: Sequence[str] = ("data",)
+    zimg: jax.Array, ztxt: jax.Array, t, b, *, mesh, batch_axes: Sequence[str] = ("data",),
+    valid=None,
 ) -> jax.Array:
     """Sigmoid loss with the text embeddings all-gathered over the batch axes.
 
@@ -221,6 +255,23 @@ def gathered_sigmoid_loss(
     Returns: float32 scalar (replicated).
     """
     axes, _, batch, zimg, ztxt, t, b = _prepare(zimg, ztxt, t, b, mesh, batch_axes)
+    if valid is not None:
+        v = _place(_check_valid(valid, batch), mesh, P(axes))
+
+        def local_masked(x, y, vx, t, b):
+            y_all = jax.lax.all_gather(y, axes, tiled=True).astype(jnp.float32)
+            v_all = jax.lax.all_gather(vx, axes, tiled=True)
+            nb = x.shape[0]
+            logits = t * (x.astype(jnp.float32) @ y_all.T) + b
+            rows = jax.lax.axis_index(axes) * nb + jnp.arange(nb)
+            z = jnp.where(rows[:, None] == jnp.arange(batch)[None, :], 1.0, -1.0)
+            w = vx[:, None] * v_all[None, :]
+            part = -jnp.sum(w * jax.nn.log_sigmoid(z * logits))
+            return jax.lax.psum(part, axes) / jnp.maximum(jax.lax.psum(jnp.sum(vx), axes), 1.0)
+
+        spec = P(axes, None)
+        return _shard_map(local_masked, mesh, (spec, spec, P(axes), P(), P()), P())(
+            zimg, ztxt, v, t, b)
 
     def local(x, y, t, b):
         x = x.astype(jnp.float32)
@@ -280,8 +331,8 @@ def _ring_perm(n: int) -> list[tuple[int, int]]:
     return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _block_grads(x, y, t, b, g, positive: bool):
-    """Cotangents of one block's loss sum, scaled by g (float32)."""
+def _block_grads(x, y, t, b, g, positive: bool, vx=None, vy=None):
+    """Cotangents of one block's loss sum, scaled by g (float32); vx/vy weight rows/cols."""
     dots = x @ y.T
     logits = t * dots + b
     if positive:
@@ -290,6 +341,8 @@ def _block_grads(x, y, t, b, g, positive: bool):
         z = -1.0
     # d/dlogits of -log sigmoid(z * logits) = -z * sigmoid(-z * logits)
     dlogits = (-z * jax.nn.sigmoid(-z * logits)) * g
+    if vx is not None:
+        dlogits = dlogits * (vx[:, None] * vy[None, :])
     gx = t * (dlogits @ y)
     gy = t * (dlogits.T @ x)
     gt = jnp.sum(dlogits * dots)
@@ -354,8 +407,72 @@ def _make_chunked(mesh, axes: tuple[str, ...], n: int, batch: int):
     return loss
 
 
+@functools.lru_cache(maxsize=64)
+def _make_chunked_masked(mesh, axes: tuple[str, ...], n: int):
+    """The ring of ``_make_chunked`` with a validity mask ``v`` [B] (float 0/1).
+
+    Each text chunk travels with its validity flags; block sums are weighted by
+    v_i * v_j and the total is divided by the number of valid rows.
+    """
+    spec, vspec = P(axes, None), P(axes)
+    perm = _ring_perm(n)
+    shift = lambda v: jax.lax.ppermute(v, axes, perm)  # noqa: E731
+
+    def count(v):
+        return jnp.maximum(jax.lax.psum(jnp.sum(v), axes), 1.0)
+
+    def fwd_local(x, y, v, t, b):
+        xf = x.astype(jnp.float32)
+        total = _sigmoid_block(xf, y.astype(jnp.float32), t, b, True, v, v)
+
+        def step(_, carry):
+            y, vy, total = carry
+            y, vy = shift(y), shift(vy)
+            return y, vy, total + _sigmoid_block(xf, y.astype(jnp.float32), t, b, False, v, vy)
+
+        if n > 1:
+            _, _, total = jax.lax.fori_loop(1, n, step, (y, v, total))
+        return jax.lax.psum(total, axes) / count(v)
+
+    def bwd_local(x, y, v, t, b, g):
+        xf = x.astype(jnp.float32)
+        g = g / count(v)
+        gx, gy, gt, gb = _block_grads(xf, y.astype(jnp.float32), t, b, g, True, v, v)
+
+        def step(_, carry):
+            y, vy, gy, gx, gt, gb = carry
+            y, vy, gy = shift(y), shift(vy), shift(gy)
+            dx, dy, dt, db = _block_grads(xf, y.astype(jnp.float32), t, b, g, False, v, vy)
+            return y, vy, gy + dy, gx + dx, gt + dt, gb + db
+
+        if n > 1:
+            _, _, gy, gx, gt, gb = jax.lax.fori_loop(1, n, step, (y, v, gy, gx, gt, gb))
+            gy = shift(gy)
+        gt = jax.lax.psum(gt, axes)
+        gb = jax.lax.psum(gb, axes)
+        return gx.astype(x.dtype), gy.astype(y.dtype), jnp.zeros_like(v), gt, gb
+
+    fwd_sm = _shard_map(fwd_local, mesh, (spec, spec, vspec, P(), P()), P())
+    bwd_sm = _shard_map(bwd_local, mesh, (spec, spec, vspec, P(), P(), P()),
+                        (spec, spec, vspec, P(), P()))
+
+    @jax.custom_vjp
+    def loss(zimg, ztxt, v, t, b):
+        return fwd_sm(zimg, ztxt, v, t, b)
+
+    def loss_fwd(zimg, ztxt, v, t, b):
+        return fwd_sm(zimg, ztxt, v, t, b), (zimg, ztxt, v, t, b)
+
+    def loss_bwd(res, g):
+        return bwd_sm(*res, jnp.asarray(g, jnp.float32))
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss
+
+
 def chunked_sigmoid_loss(
-    zimg: jax.Array, ztxt: jax.Array, t, b, *, mesh, batch_axes: Sequence[str] = ("data",)
+    zimg: jax.Array, ztxt: jax.Array, t, b, *, mesh, batch_axes: Sequence[str] = ("data",),
+    valid=None,
 ) -> jax.Array:
     """Sigmoid loss over a batch-sharded global batch, never gathering it.
 
@@ -383,6 +500,10 @@ def chunked_sigmoid_loss(
       mesh: the ``jax.sharding.Mesh``.
       batch_axes: mesh axis name(s) the batch dimension is sharded over, major
         first, e.g. ``("data",)`` or ``("data", "fsdp")``.
+      valid: optional ``[B]`` bool, sharded like the rows: as in
+        :func:`sigmoid_loss`, only pairs of valid rows count and the sum is
+        divided by the number of valid rows. Each text chunk carries its flags
+        around the ring. No gradient flows to ``valid``.
 
     Returns:
       float32 scalar (replicated).
@@ -392,6 +513,9 @@ def chunked_sigmoid_loss(
         devices along ``batch_axes``.
     """
     axes, n, batch, zimg, ztxt, t, b = _prepare(zimg, ztxt, t, b, mesh, batch_axes)
+    if valid is not None:
+        v = _place(_check_valid(valid, batch), mesh, P(axes))
+        return _make_chunked_masked(mesh, axes, n)(zimg, ztxt, v, t, b)
     return _make_chunked(mesh, axes, n, batch)(zimg, ztxt, t, b)
 
 
@@ -407,7 +531,9 @@ def get_loss_fn(
     mesh=None,
     batch_axes: Sequence[str] = ("data",),
 ) -> LossFn:
-    """Returns ``fn(zimg, ztxt, t, b) -> float32 scalar`` for the train step.
+    """Returns ``fn(zimg, ztxt, t, b, valid=None) -> float32 scalar`` for the train step.
+
+    ``valid`` ([B] bool, optional) masks empty NaViT slots (see :func:`sigmoid_loss`).
 
     Args:
       name: ``"sigmoid"`` (SigLIP) or ``"softmax"`` (CLIP; ignores ``b``).
@@ -427,9 +553,14 @@ def get_loss_fn(
         if impl == "dense":
             return sigmoid_loss
         fn = chunked_sigmoid_loss if impl == "chunked" else gathered_sigmoid_loss
-        return lambda zimg, ztxt, t, b: fn(zimg, ztxt, t, b, mesh=mesh, batch_axes=batch_axes)
+        return lambda zimg, ztxt, t, b, valid=None: fn(
+            zimg, ztxt, t, b, mesh=mesh, batch_axes=batch_axes, valid=valid)
     if impl == "dense":
-        return lambda zimg, ztxt, t, b=None: softmax_loss(zimg, ztxt, t)
-    return lambda zimg, ztxt, t, b=None: gathered_softmax_loss(
-        zimg, ztxt, t, mesh=mesh, batch_axes=batch_axes
-    )
+        return lambda zimg, ztxt, t, b=None, valid=None: softmax_loss(zimg, ztxt, t, valid=valid)
+
+    def softmax_fn(zimg, ztxt, t, b=None, valid=None):
+        if valid is not None:  # the masked softmax is not sharded by hand; GSPMD partitions it
+            return softmax_loss(zimg, ztxt, t, valid=valid)
+        return gathered_softmax_loss(zimg, ztxt, t, mesh=mesh, batch_axes=batch_axes)
+
+    return softmax_fn

@@ -12,6 +12,8 @@ shardings): the two-tower model embeds images and texts -> the contrastive loss
 new state. Around it: metrics.jsonl, a progress line, zero-shot evaluation every
 ``eval_every`` steps and an Orbax checkpoint every ``checkpoint_every`` steps.
 A run resumes from the latest checkpoint in ``--workdir``.
+NaViT recipes (``model.image.type`` "navit" / "naflex") read packed batches from
+``data.navit_pipeline`` instead; the loss then skips empty image slots.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from ml_collections import config_flags
 
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_util, losses, models, optim, parallel
-from vlm_jax.data import pipeline
-from vlm_jax.evaluators import zeroshot
+from vlm_jax.data import navit_pipeline, pipeline
+from vlm_jax import evaluators
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/siglip_shapes.py[:runlocal].",
@@ -63,37 +65,43 @@ def _dummy_inputs(config):
           jnp.zeros((1, config.model.text.max_len), jnp.int32))
 
 
+def train_state_shardings(config, model, tx, mesh) -> TrainState:
+  """The TrainState's NamedShardings on ``mesh``, from shapes only (nothing is allocated).
+
+  Parameters follow their logical axes through the rules (``config.sharding_rules``
+  or ``parallel.DEFAULT_RULES``); optimizer moments follow their parameters;
+  step, rng and other optimizer scalars are replicated.
+  """
+  images, tokens = _dummy_inputs(config)
+  rules = parallel.rules_for_mesh(mesh, _rules(config))
+  key = jax.random.PRNGKey(0)
+  boxed = jax.eval_shape(lambda k: model.init(k, images, tokens), key)
+  logical = nn.get_partition_spec(boxed)["params"]
+  param_shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+  abstract_params = nn.unbox(boxed)["params"]
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  repl = parallel.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: repl)
+  return TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl)
+
+
 def create_train_state(config, model, tx, mesh, rng):
   """Initialises the TrainState directly sharded on ``mesh``.
 
-  ``jax.jit`` with ``out_shardings`` from the logical-axis rules: no device
-  ever holds the whole unsharded model.
+  ``jax.jit`` with ``out_shardings`` from the logical-axis rules
+  (``train_state_shardings``): no device ever holds the whole unsharded model.
 
   Returns:
     (state, state_shardings)
   """
   images, tokens = _dummy_inputs(config)
   init_rng, state_rng = jax.random.split(rng)
-  rules = parallel.rules_for_mesh(mesh, _rules(config))
-
-  def init_fn(key):
-    variables = model.init(key, images, tokens)
-    return nn.unbox(variables)["params"]
-
-  boxed = jax.eval_shape(lambda k: model.init(k, images, tokens), init_rng)
-  logical = nn.get_partition_spec(boxed)["params"]
-  param_shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-  abstract_params = jax.eval_shape(init_fn, init_rng)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  repl = parallel.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: repl)
-  shardings = TrainState(step=repl, params=param_shardings,
-                         opt_state=opt_shardings, rng=repl)
+  shardings = train_state_shardings(config, model, tx, mesh)
 
   def make(key):
-    params = init_fn(key)
+    params = nn.unbox(model.init(key, images, tokens))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
 
@@ -133,9 +141,13 @@ def check_batch_size(config, mesh) -> int:
   return accum
 
 
+def _is_explicit(mesh) -> bool:
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
 def _constrain(x, sharding):
   """Pins ``x`` to ``sharding``: a reshard on Explicit meshes, a hint on Auto ones."""
-  if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+  if _is_explicit(sharding.mesh):
     return jax.reshard(x, sharding)
   return jax.lax.with_sharding_constraint(x, sharding)
 
@@ -164,6 +176,19 @@ def _once(x, first):
   return frozen + first.astype(x.dtype) * (x - frozen)
 
 
+def is_packed(config) -> bool:
+  """True when the image tower takes packed NaViT batches (model.image.type navit/naflex)."""
+  return config.model.image.get("type", "vit") in ("navit", "naflex")
+
+
+def _packed_batch_shardings(mesh):
+  """Shardings of a NaViT batch (navit_pipeline): every array split on its first axis."""
+  bs = functools.partial(parallel.batch_sharding, mesh)
+  return {"image": {"patches": bs(3), "segment_ids": bs(2), "positions": bs(3),
+                    "grid_sizes": bs(3)},
+          "tokens": bs(3), "valid": bs(2)}
+
+
 def make_grad_fn(config, model, mesh, param_shardings=None):
   """Returns ``grad_fn(params, batch, rng) -> (loss, grads, aux)``, pure, not jitted.
 
@@ -171,6 +196,11 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   batch); ``rng``: the step's dropout key; ``loss``: float32 scalar, the
   contrastive loss of the whole batch; ``grads``: like ``params``;
   ``aux``: {"t": temperature, "b": bias} (float32 scalars).
+
+  NaViT (``is_packed(config)``): ``batch`` is {"image": packed dict [S, ...],
+  "tokens": int32 [S, M, L], "valid": bool [S, M]} (``data.navit_pipeline``);
+  the model flattens the S x M slots and the loss ignores empty ones (the
+  model's ``img/valid``); ``aux`` adds "num_images". grad_accum_steps must be 1.
 
   With ``config.grad_accum_steps = M > 1`` the batch is split into M
   micro-batches (rows m, m+M, ...; see ``_split_micro``) and the loss still
@@ -196,6 +226,40 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
     zimg, ztxt, out = model.apply(
         {"params": params}, images, tokens, train=True, rngs={"dropout": key})
     return zimg, ztxt, out["t"], out["b"]
+
+  if _is_explicit(mesh):
+    # On Explicit meshes every op must have an unambiguous output sharding;
+    # the towers (embedding gathers, convolutions, FSDP matmuls) leave that to
+    # the partitioner, so they run with Auto axes and only their outputs are
+    # typed: embeddings split on the batch, t and b replicated. The sharded
+    # losses take Explicit inputs as they are.
+    emb = parallel.batch_sharding(mesh, 2)
+    rep = parallel.replicated(mesh)
+    embed = jax.sharding.auto_axes(embed, out_sharding=(emb, emb, rep, rep))
+
+  if is_packed(config):
+    if accum != 1:
+      raise ValueError(f"config.grad_accum_steps={accum}: gradient accumulation is not "
+                       "supported for packed NaViT batches (model.image.type "
+                       f"{config.model.image.type!r}); use 1")
+
+    def embed_packed(params, images, tokens, key):
+      zimg, ztxt, out = model.apply(
+          {"params": params}, images, tokens, train=True, rngs={"dropout": key})
+      return zimg, ztxt, out["t"], out["b"], out["img/valid"]
+
+    if _is_explicit(mesh):
+      embed_packed = jax.sharding.auto_axes(
+          embed_packed, out_sharding=(emb, emb, rep, rep, parallel.batch_sharding(mesh, 1)))
+
+    def grad_fn(params, batch, rng):
+      def compute_loss(p):
+        zimg, ztxt, t, b, valid = embed_packed(p, batch["image"], batch["tokens"], rng)
+        return loss_fn(zimg, ztxt, t, b, valid=valid), (t, b, valid)
+
+      (loss, (t, b, valid)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+      return loss, grads, {"t": t, "b": b, "num_images": jnp.sum(valid.astype(jnp.int32))}
+    return grad_fn
 
   if accum == 1:
     def grad_fn(params, batch, rng):
@@ -283,17 +347,21 @@ def make_train_step(config, model, tx, lr_fn, mesh, state_shardings):
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train/loss": loss,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/param_norm": optax.global_norm(params),
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/param_norm": optax.tree.norm(params),
         "train/lr": lr_fn(state.step),
         "train/t": aux["t"],
         "train/b": aux["b"],
     }
+    if "num_images" in aux:  # NaViT: images in the step's packed sequences
+      metrics["train/num_images"] = aux["num_images"]
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
   batch_shardings = {"image": parallel.batch_sharding(mesh, 4),
                      "tokens": parallel.batch_sharding(mesh, 2)}
+  if is_packed(config):
+    batch_shardings = _packed_batch_shardings(mesh)
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, parallel.replicated(mesh)),
                    donate_argnums=(0,))
@@ -396,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(
       workdir, keep=config.get("keep_checkpoints", 3),
       best_metric=config.get("keep_best_metric") or None)
-  data = pipeline.train_dataset(
+  data = (navit_pipeline if is_packed(config) else pipeline).train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = iter(data)
   start_step = 0
@@ -413,8 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = MetricsLog(workdir, start_step if latest is not None else None, enabled=is_main)
 
   train_step = make_train_step(config, model, tx, lr_fn, mesh, state_shardings)
-  evaluator = (zeroshot.ZeroShotEvaluator(config, model, mesh=mesh)
-               if config.get("evals") and config.evals.get("zeroshot") else None)
+  evaluator = evaluators.build_evaluators(config, model, mesh=mesh) or None
   stop = _StopSignal()
 
   def periodic(every, step):
@@ -422,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   last = {}
   t_start = time.time()
-  t_log, n_log = time.time(), 0
+  t_log, n_log, n_images = time.time(), 0, 0
   step = start_step
   print(f"Training {config.total_steps} steps from step {start_step} "
         f"({n_params:,} params, mesh {dict(mesh.shape)})", flush=True)
@@ -432,6 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, metrics = train_step(state, batch)
     step += 1
     n_log += 1
+    n_images += int(metrics.get("train/num_images", config.batch_size))
     loss = float(metrics["train/loss"])
     if not math.isfinite(loss):
       ckpt.wait()
@@ -441,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if periodic(config.log_every, step):
       now = time.time()
-      rate = n_log * config.batch_size / max(now - t_log, 1e-9)
+      rate = n_images / max(now - t_log, 1e-9)
       done = (step - start_step) / max(now - t_start, 1e-9)
       eta = (config.total_steps - step) / max(done, 1e-9)
       row = {k: float(v) for k, v in metrics.items()}
@@ -452,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if is_main:
         print(f"step {step:>7d}/{config.total_steps} | loss {loss:.4f} | "
               f"{rate:,.0f} img/s | ETA {_fmt_time(eta)}", flush=True)
-      t_log, n_log = time.time(), 0
+      t_log, n_log, n_images = time.time(), 0, 0
 
     eval_metrics = {}
     if evaluator is not None and periodic(config.eval_every, step):

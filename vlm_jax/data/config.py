@@ -1,6 +1,6 @@
 """Defaults for every data-related config field; recipes start here and override.
 
-    config = vlm_jax.data.config.default_config()   # data, pp, tokenizer, evals.zeroshot
+    config = vlm_jax.data.config.default_config()   # data, pp, tokenizer, evals
     config.seed, config.batch_size = 0, 256            # recipe top-level fields also read
 
 The pipeline also reads two top-level fields that every recipe has: ``seed``
@@ -16,7 +16,8 @@ from ml_collections import config_dict
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """ConfigDict with fields ``data``, ``pp``, ``tokenizer`` and ``evals.zeroshot``."""
+    """ConfigDict with fields ``data``, ``pp``, ``tokenizer`` and ``evals`` (zeroshot,
+    retrieval, linear_probe)."""
     c = ml_collections.ConfigDict()
 
     # ---- data: where examples come from, and how they are read.
@@ -61,9 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer.model_path = ""  # SentencePiece .model file (kind "sentencepiece")
     c.tokenizer.max_len = 64  # tokens per caption, EOS included (shapes captions are <= 60 bytes)
 
-    # ---- evals.zeroshot: zero-shot classification on a labelled split.
+    # ---- evals: evaluators (vlm_jax.evaluators). Those with enabled=True run during
+    # training every ``eval_every`` steps and in ``python -m vlm_jax.evaluate``.
+    # Each may read another source via its ``data`` (a ConfigDict shaped like ``data``;
+    # None: ``config.data``); ``vlm_jax.evaluators.tfds_data("cifar10")`` makes one.
     c.evals = ml_collections.ConfigDict()
+    # evals.zeroshot: zero-shot classification on a labelled split.
     c.evals.zeroshot = ml_collections.ConfigDict()
+    c.evals.zeroshot.enabled = True
     c.evals.zeroshot.split = "heldout"  # shapes: "heldout"; TFDS: e.g. "test"
     c.evals.zeroshot.num_examples = 2000  # first N examples of the split; -1 for all
     c.evals.zeroshot.batch_size = 256  # images per encode call
@@ -71,4 +77,30 @@ def default_config() -> ml_collections.ConfigDict:
     # Optional ConfigDict shaped like ``data`` to evaluate on another source (e.g.
     # train on a folder, evaluate on TFDS cifar10); None: ``config.data``.
     c.evals.zeroshot.data = None
+
+    # evals.retrieval: image->text and text->image recall@{1,5,10} on paired data
+    # (shapes: the held-out images with their own captions; TFDS coco_captions: every
+    # caption of each image, text_key "captions/text").
+    c.evals.retrieval = ml_collections.ConfigDict()
+    c.evals.retrieval.enabled = True
+    c.evals.retrieval.split = "heldout"  # shapes: "heldout"; TFDS: e.g. "val"
+    c.evals.retrieval.num_examples = 500  # first N images of the split; -1 for all
+    c.evals.retrieval.batch_size = 256  # images / captions per encode call
+    c.evals.retrieval.ks = (1, 5, 10)  # recall@k values reported
+    c.evals.retrieval.data = None
+
+    # evals.linear_probe: a linear classifier (closed-form ridge regression on
+    # one-hot targets) on frozen image embeddings; off by default during training.
+    c.evals.linear_probe = ml_collections.ConfigDict()
+    c.evals.linear_probe.enabled = False
+    c.evals.linear_probe.train_split = "train"  # shapes: "train"; TFDS: e.g. "train[:10000]"
+    c.evals.linear_probe.test_split = "heldout"  # shapes: "heldout"; TFDS: e.g. "test"
+    c.evals.linear_probe.num_train = 2000  # first N examples of train_split; -1 for all
+    c.evals.linear_probe.num_test = 1000  # first N examples of test_split; -1 for all
+    c.evals.linear_probe.batch_size = 256
+    # Ridge penalties tried (relative to the mean eigenvalue of the feature covariance);
+    # the one with the best accuracy on the last ``val_fraction`` of the train split wins.
+    c.evals.linear_probe.l2_regs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    c.evals.linear_probe.val_fraction = 0.2
+    c.evals.linear_probe.data = None
     return c

@@ -60,10 +60,12 @@ _COLOUR_NAMES = tuple(COLOURS)
 
 # Zero-shot class c = colour_index * len(KINDS) + kind_index.
 CLASSNAMES: tuple[str, ...] = tuple(f"{c} {k}" for c in COLOURS for k in KINDS)
+# Prompts in the captions' own style (no trailing period, words the captions use).
 ZEROSHOT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a {}.",
-    "an image of a {}.",
+    "a photo of a {}",
+    "a {}",
+    "{}",
+    "there is a {}",
 )
 
 _SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "large", "big")}

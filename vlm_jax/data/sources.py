@@ -123,6 +123,11 @@ class TfdsSource:
         return len(self._ds)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.read(index)
+
+    def read(self, index: int, *, all_texts: bool = False) -> dict[str, Any]:
+        """``source[index]``; with ``all_texts`` also "texts": every caption of the example
+        (retrieval counts an image as found by any of its captions)."""
         index = int(index)
         what = f"{self.name}[{self.split}][{index}]"
         ex = self._ds[index]
@@ -131,10 +136,19 @@ class TfdsSource:
         if self.label_key:
             label = int(np.asarray(_get_path(ex, self.label_key)))
         if self.text_key:
-            text = _as_text(_get_path(ex, self.text_key), index, what)
+            value = _get_path(ex, self.text_key)
+            text = _as_text(value, index, what)
+            if isinstance(value, np.ndarray) and value.ndim == 0:
+                value = value.item()
+            many = isinstance(value, (list, tuple, np.ndarray))
+            texts = [_as_text(value, i, what) for i in range(len(value))] if many else [text]
         else:
             text = shapes.fix_articles(self.caption_template.format(self.classnames[label]))
-        return dict(image=image, text=text, label=label)
+            texts = [text]
+        out = dict(image=image, text=text, label=label)
+        if all_texts:
+            out["texts"] = texts
+        return out
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"

@@ -1,7 +1,7 @@
 """Zero-shot classification: class names x prompt templates.
 
 Each class's text embedding is the mean over templates of the L2-normalised
-text embeddings of its prompts ("a photo of a red triangle."), renormalised.
+text embeddings of its prompts ("a photo of an orange ring."), renormalised.
 An image is assigned the class of highest cosine similarity; "zeroshot/top1"
 is the fraction of images whose top class is the label.
 """
@@ -10,89 +10,70 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax import parallel
+from vlm_jax.evaluators.encoder import Encoder, normalize
 
+__all__ = ["Encoder", "class_embeddings", "top1", "ZeroShotEvaluator"]
 
-def _normalize(x, axis=-1):
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-
-
-class Encoder:
-  """Jit-compiled batched ``encode_image`` / ``encode_text`` for one model.
-
-  Pads the last batch (to a multiple of the mesh's batch shards) and strips the
-  padding again, so any number of inputs works.
-  """
-
-  def __init__(self, model, *, mesh=None, batch_size=256):
-    self.model = model
-    self.mesh = mesh
-    self.batch_size = batch_size
-    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
-
-  def _run(self, fn, params, x):
-    x = np.asarray(x)
-    n = len(x)
-    shards = parallel.num_batch_shards(self.mesh) if self.mesh is not None else 1
-    bs = max(shards, self.batch_size - self.batch_size % shards)
-    out = []
-    for i in range(0, n, bs):
-      chunk = x[i:i + bs]
-      pad = (-len(chunk)) % shards
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      if self.mesh is not None:
-        chunk = jax.device_put(chunk, parallel.batch_sharding(self.mesh, chunk.ndim))
-      y = fn(params, chunk)
-      out.append(np.asarray(jax.device_get(y), np.float32)[:len(chunk) - pad])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-  def images(self, params, images) -> np.ndarray:
-    """float32 [N,H,W,3] -> [N,D] embeddings (before normalisation)."""
-    return self._run(self._img, params, images)
-
-  def tokens(self, params, tokens) -> np.ndarray:
-    """int32 [N,L] -> [N,D] embeddings (before normalisation)."""
-    return self._run(self._txt, params, tokens)
+_normalize = normalize  # kept for callers of the old private name
 
 
 def class_embeddings(encoder: Encoder, params, tokenizer, classnames: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
-  """[C, D] unit-norm class embeddings averaged over templates."""
-  prompts = [t.format(c) for c in classnames for t in templates]
-  z = _normalize(encoder.tokens(params, tokenizer.encode(prompts)))
+                     templates: Sequence[str], *, batch_size=None) -> np.ndarray:
+  """[C, D] unit-norm class embeddings averaged over the T templates.
+
+  Prompts are ``template.format(classname)`` with "a" before a vowel made "an"
+  (``data.shapes.class_prompts``). Raises ValueError for a template without "{}".
+  """
+  from vlm_jax.data import shapes  # pylint: disable=import-outside-toplevel
+  prompts = [p for row in shapes.class_prompts(classnames, templates) for p in row]
+  z = normalize(encoder.tokens(params, tokenizer.encode(prompts), batch_size=batch_size))
   z = z.reshape(len(classnames), len(templates), -1).mean(axis=1)
-  return _normalize(z)
+  return normalize(z)
 
 
 def top1(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> float:
-  """Fraction of rows whose most similar class is the label."""
-  pred = np.argmax(_normalize(image_emb) @ class_emb.T, axis=-1)
+  """Fraction of rows of ``image_emb`` [N, D] whose most similar class in
+  ``class_emb`` [C, D] (cosine) is ``labels`` [N]."""
+  pred = np.argmax(normalize(image_emb) @ class_emb.T, axis=-1)
   return float(np.mean(pred == np.asarray(labels)))
 
 
 class ZeroShotEvaluator:
   """Zero-shot top-1 on the config's evaluation data (``config.evals.zeroshot``).
 
+  Args:
+    config: the run's config (``evals.zeroshot``, ``data``, ``pp``, ``tokenizer``).
+    model: the two-tower model.
+    mesh: optional device mesh the params live on (batches are split over it).
+    data: optional ``pipeline.zeroshot_data``-style dict (images, labels,
+      classnames, templates); read from the config when None.
+    tokenizer: optional; built from ``config.tokenizer`` when None.
+    encoder: optional shared ``Encoder``.
+
   ``run(params)`` returns {"zeroshot/top1": fraction in [0, 1]}.
   """
 
-  def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None):
+  name = "zeroshot"
+
+  def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None, encoder=None):
     from vlm_jax.data import pipeline, tokenizers  # pylint: disable=import-outside-toplevel
     zcfg = config.evals.zeroshot
+    self.batch_size = int(zcfg.get("batch_size", 256))
     self.data = data if data is not None else pipeline.zeroshot_data(config)
     self.tokenizer = tokenizer or tokenizers.build_tokenizer(config.tokenizer)
-    self.encoder = Encoder(model, mesh=mesh,
-                           batch_size=int(zcfg.get("batch_size", 256)))
+    self.encoder = encoder or Encoder(model, mesh=mesh, batch_size=self.batch_size)
+
+  def predict(self, params, images=None) -> np.ndarray:
+    """Class indices int [N] for ``images`` (default: the evaluation images)."""
+    d = self.data
+    cls = class_embeddings(self.encoder, params, self.tokenizer, d["classnames"],
+                           d["templates"], batch_size=self.batch_size)
+    img = self.encoder.images(params, d["images"] if images is None else images,
+                              batch_size=self.batch_size)
+    return np.argmax(normalize(img) @ cls.T, axis=-1)
 
   def run(self, params) -> dict:
-    d = self.data
-    cls = class_embeddings(self.encoder, params, self.tokenizer, d["classnames"], d["templates"])
-    img = self.encoder.images(params, d["images"])
-    return {"zeroshot/top1": top1(img, cls, d["labels"])}
+    pred = self.predict(params)
+    return {"zeroshot/top1": float(np.mean(pred == np.asarray(self.data["labels"])))}

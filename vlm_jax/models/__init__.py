@@ -8,7 +8,9 @@
 Model config schema (``default_config()``; a recipe overrides fields, an unknown
 key is an error):
 
-    model.image.type           "vit"      image tower kind (only "vit" here)
+    model.image.type           "vit"      image tower kind: "vit" | "navit" (packed, any size) |
+                                          "naflex" (SigLIP 2: one image per row, resized
+                                          learned 2-D posemb); see models/navit.py
     model.image.variant        "B/16"     size/patch, see vit.decode_variant
     model.image.width          None       explicit values override the variant
     model.image.depth          None
@@ -30,6 +32,15 @@ key is an error):
     model.image.act            "gelu_tanh"  "gelu_tanh" | "gelu" | "quick_gelu"
     model.image.ln_eps         1e-6
     model.image.remat          False      rematerialise each encoder block
+  NaViT / NaFlex only (type "navit" | "naflex"):
+    model.image.posemb         "learn" | "sincos" (factorized) | "naflex" (type naflex forces it)
+    model.image.posemb_coords  "absolute"  "absolute" | "fractional" (factorized posembs)
+    model.image.posemb_size    None       learned table side; None -> 64 (factorized) or
+                                          image_size // patch_size (naflex grid)
+    model.image.attention      "reference"  "reference" (flax) | "xla" | "cudnn" | "auto"
+                                          (jax.nn.dot_product_attention backends)
+    model.image.seq_len        256        tokens per packed sequence (inference default)
+    model.image.max_images     16         image slots per sequence (naflex: always 1)
     model.text.variant         "B"        size, see text.decode_text_variant
     model.text.width/depth/mlp_dim/num_heads   None (override the variant)
     model.text.vocab_size      32000
@@ -63,8 +74,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from vlm_jax.models import layers, text, two_tower, vit
+from vlm_jax.models import layers, navit, text, two_tower, vit
+from vlm_jax.models.navit import NaViT
 from vlm_jax.models.text import TextTransformer, decode_text_variant
 from vlm_jax.models.two_tower import TwoTower, l2_normalize
 from vlm_jax.models.vit import ViT, decode_variant
@@ -72,11 +85,13 @@ from vlm_jax.models.vit import ViT, decode_variant
 __all__ = [
     "default_config", "build", "init", "logical_specs", "abstract_variables", "dummy_inputs",
     "count_params", "resolve_config", "ViT", "TextTransformer", "TwoTower", "decode_variant",
-    "decode_text_variant", "l2_normalize", "layers", "text", "two_tower", "vit",
+    "decode_text_variant", "l2_normalize", "layers", "text", "two_tower", "vit", "navit", "NaViT",
+    "IMAGE_TYPES",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
+IMAGE_TYPES = ("vit", "navit", "naflex")
 
 
 def _defaults() -> dict:
@@ -86,7 +101,8 @@ def _defaults() -> dict:
             patch_size=None, image_size=224, pool_type="map", posemb="learn", stem="patch",
             stem_features=(64, 128, 256), stem_strides=(2, 2, 2), head=False, head_bias=True,
             patch_bias=True, pre_norm=False, dropout=0.0, act="gelu_tanh", ln_eps=1e-6,
-            remat=False),
+            remat=False, posemb_coords="absolute", posemb_size=None, attention="reference",
+            seq_len=256, max_images=16),
         text=dict(
             variant="B", width=None, depth=None, mlp_dim=None, num_heads=None,
             vocab_size=32000, max_len=64, pool_type="last", causal=False, head_bias=True,
@@ -142,7 +158,8 @@ def _shape(section: dict, decoded: dict, path: str) -> dict:
 def resolve_config(model_config) -> dict:
     """Model config -> plain dict with variants decoded and every size explicit.
 
-    Returns {"image": ViT kwargs, "text": TextTransformer kwargs, "temperature_init",
+    Returns {"image": ViT (or NaViT) kwargs, "image_type": model.image.type,
+    "text": TextTransformer kwargs, "temperature_init",
     "bias_init", "dtype"}; raises ValueError naming the field at fault.
     """
     cfg = _merge(_defaults(), _as_dict(model_config), "model")
@@ -150,8 +167,8 @@ def resolve_config(model_config) -> dict:
     if cfg["dtype"] not in _DTYPES:
         raise ValueError(f"model.dtype={cfg['dtype']!r} is not one of {sorted(_DTYPES)}")
     dtype = _DTYPES[cfg["dtype"]]
-    if img["type"] != "vit":
-        raise ValueError(f"model.image.type={img['type']!r} is not supported here (only 'vit')")
+    if img["type"] not in IMAGE_TYPES:
+        raise ValueError(f"model.image.type={img['type']!r} is not one of {IMAGE_TYPES}")
 
     dec = decode_variant(img["variant"])
     image_kw = _shape(img, dec, "model.image")
@@ -162,13 +179,16 @@ def resolve_config(model_config) -> dict:
     text_kw = _shape(txt, decode_text_variant(txt["variant"]), "model.text")
     out_dim = int(cfg["out_dim"]) if cfg["out_dim"] is not None else text_kw["width"]
 
-    image_kw.update(
-        patch_size=patch, image_size=img["image_size"], pool_type=img["pool_type"],
-        posemb=img["posemb"], stem=img["stem"], stem_features=tuple(img["stem_features"]),
-        stem_strides=tuple(img["stem_strides"]), head=out_dim if img["head"] else None,
-        head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
-        pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
-        ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype)
+    if img["type"] != "vit":
+        image_kw = _navit_kwargs(img, image_kw, patch, out_dim, dtype)
+    else:
+        image_kw.update(
+            patch_size=patch, image_size=img["image_size"], pool_type=img["pool_type"],
+            posemb=img["posemb"], stem=img["stem"], stem_features=tuple(img["stem_features"]),
+            stem_strides=tuple(img["stem_strides"]), head=out_dim if img["head"] else None,
+            head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
+            pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
+            ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype)
     if not img["head"]:
         d_img = image_kw["width"]
         if img["pool_type"] == "none":
@@ -183,16 +203,59 @@ def resolve_config(model_config) -> dict:
         pool_type=txt["pool_type"], causal=bool(txt["causal"]), head=out_dim,
         head_bias=bool(txt["head_bias"]), dropout=float(txt["dropout"]), act=txt["act"],
         ln_eps=float(txt["ln_eps"]), remat=bool(txt["remat"]), dtype=dtype)
-    return dict(image=image_kw, text=text_kw, out_dim=out_dim,
+    return dict(image=image_kw, image_type=img["type"], text=text_kw, out_dim=out_dim,
                 temperature_init=float(cfg["temperature_init"]),
                 bias_init=None if cfg["bias_init"] is None else float(cfg["bias_init"]),
                 dtype=dtype)
 
 
+def _navit_kwargs(img: dict, shape_kw: dict, patch, out_dim: int, dtype) -> dict:
+    """NaViT constructor kwargs from model.image (type "navit" or "naflex")."""
+    if not np.isscalar(patch):
+        raise ValueError(f"model.image.patch_size must be one int for NaViT, got {patch!r}")
+    patch = int(patch)
+    size = img["image_size"]
+    size = size if np.isscalar(size) else size[0]
+    posemb = img["posemb"]
+    if img["type"] == "naflex":
+        posemb = "naflex"
+    elif posemb == "sincos2d":
+        posemb = "sincos"
+    if posemb not in navit.POSEMB_TYPES:
+        raise ValueError(f"model.image.posemb={img['posemb']!r} is not one of "
+                         f"{navit.POSEMB_TYPES} (NaViT)")
+    posemb_size = img["posemb_size"]
+    if posemb_size is None:
+        posemb_size = int(size) // patch if posemb == "naflex" else 64
+    max_images = 1 if img["type"] == "naflex" else int(img["max_images"])
+    if int(img["seq_len"]) < 1 or max_images < 1:
+        raise ValueError(f"model.image.seq_len ({img['seq_len']}) and max_images "
+                         f"({img['max_images']}) must be >= 1")
+    if img["pool_type"] not in navit.POOL_TYPES:
+        raise ValueError(f"model.image.pool_type={img['pool_type']!r} is not one of "
+                         f"{navit.POOL_TYPES} (NaViT)")
+    if img["stem"] != "patch" or img["pre_norm"]:
+        raise ValueError("NaViT supports model.image.stem='patch' and pre_norm=False only")
+    navit.attention_fn(img["attention"])  # fails early on a bad / unavailable backend
+    kw = dict(shape_kw)
+    kw.update(patch_size=patch, posemb=posemb, posemb_coords=img["posemb_coords"],
+              posemb_size=int(posemb_size), pool_type=img["pool_type"],
+              head=out_dim if img["head"] else None, head_bias=bool(img["head_bias"]),
+              patch_bias=bool(img["patch_bias"]), dropout=float(img["dropout"]),
+              act=img["act"], ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]),
+              attention=img["attention"], max_images=max_images,
+              seq_len=int(img["seq_len"]), image_size=int(size), dtype=dtype)
+    return kw
+
+
 def build(model_config) -> TwoTower:
-    """config.model (ConfigDict or dict; missing fields take defaults) -> unbound TwoTower."""
+    """config.model (ConfigDict or dict; missing fields take defaults) -> unbound TwoTower.
+
+    model.image.type "vit" -> ``ViT``; "navit" / "naflex" -> ``NaViT``.
+    """
     r = resolve_config(model_config)
-    return TwoTower(image=ViT(**r["image"]), text=TextTransformer(**r["text"]),
+    tower = (ViT if r["image_type"] == "vit" else NaViT)(**r["image"])
+    return TwoTower(image=tower, text=TextTransformer(**r["text"]),
                     temperature_init=r["temperature_init"], bias_init=r["bias_init"],
                     dtype=r["dtype"])
 

@@ -36,6 +36,13 @@ class TwoTower(nn.Module):
       bias), out["t/parameterized"] = stored log t, and "img/<k>"/"txt/<k>" tower
       intermediates (plus "img/features"/"txt/features", the unnormalised outputs).
     ``init`` needs both images and tokens so that both towers get parameters.
+
+    NaViT towers: ``images`` may be a packed batch (dict, see models/navit.py) with
+    S sequences of M slots; the image tower then gives [S, M, D], which is
+    flattened to zimg [S*M, D] (slot-major within a row), and ``tokens`` may be
+    [S, M, L] (the caption of each slot), flattened to [S*M, L].
+    out["img/valid"] [S*M] bool marks the slots that hold an image; the loss
+    must ignore the others (``losses.sigmoid_loss(..., valid=...)``).
     """
 
     image: nn.Module
@@ -56,7 +63,11 @@ class TwoTower(nn.Module):
                 (1,), jnp.float32)
 
     def encode_image(self, images, train: bool = False) -> jax.Array:
-        """images [B, H, W, 3] float (a packed batch dict for NaViT) -> [B, D] before normalisation."""
+        """images [B, H, W, 3] float -> [B, D] before normalisation.
+
+        For a NaViT tower ``images`` is a packed batch dict and the result is
+        [S, M, D] (zeros in empty slots; see models/navit.py).
+        """
         return self.img(images, train=train)[0]
 
     def encode_text(self, tokens, train: bool = False) -> jax.Array:
@@ -68,10 +79,15 @@ class TwoTower(nn.Module):
         zimg = ztxt = None
         if images is not None:
             x, img_out = self.img(images, train=train)
+            if x.ndim == 3:  # packed NaViT batch: [S, M, D] slots -> rows
+                x = x.reshape(-1, x.shape[-1])
+                img_out = dict(img_out, valid=img_out["valid"].reshape(-1))
             out.update({f"img/{k}": v for k, v in img_out.items()})
             out["img/features"] = x
             zimg = l2_normalize(x)
         if tokens is not None:
+            if tokens.ndim == 3:  # one caption per NaViT slot [S, M, L]
+                tokens = tokens.reshape(-1, tokens.shape[-1])
             y, txt_out = self.txt(tokens, train=train)
             out.update({f"txt/{k}": v for k, v in txt_out.items()})
             out["txt/features"] = y

@@ -1,0 +1,54 @@
+"""experiments/eval_checkpoint.ipynb runs top to bottom on a tiny training run."""
+import json
+import os
+import sys
+
+import pytest
+
+from recipes import ROOT, get_config
+from vlm_jax import train
+
+NOTEBOOK = os.path.join(ROOT, "experiments", "eval_checkpoint.ipynb")
+
+
+def _kernelspec(jupyter_dir, env):
+  """A 'python3' kernelspec that runs this interpreter (the one running pytest)."""
+  spec_dir = os.path.join(jupyter_dir, "kernels", "python3")
+  os.makedirs(spec_dir)
+  with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+    json.dump({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+               "display_name": "Python 3 (vlm_jax tests)", "language": "python", "env": env}, f)
+
+
+def test_eval_notebook_runs_on_a_checkpoint(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  workdir = str(tmp_path / "run")
+  c = get_config("siglip_shapes", "runlocal")
+  c.data.num_threads = 0
+  c.total_steps, c.checkpoint_every, c.eval_every, c.log_every = 3, 3, 0, 0
+  train.train_and_evaluate(c, workdir)
+
+  out_dir = str(tmp_path / "figures")
+  jupyter = str(tmp_path / "jupyter")
+  _kernelspec(jupyter, {
+      "VLM_JAX_WORKDIR": workdir, "VLM_JAX_NOTEBOOK_OUT": out_dir,
+      "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # one CPU device, like a laptop
+      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  })
+  monkeypatch.setenv("JUPYTER_PATH", jupyter)
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
+
+  outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert f"python {sys.executable}," in text
+  assert "step 3," in text and "zero-shot top-1 on these 8 images" in text
+  assert text.count("predicted ") == 8
+  assert "zeroshot/top1" in text and "retrieval/i2t_r1" in text
+  pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+  assert len(pngs) == 2
+  assert sorted(os.listdir(out_dir)) == ["similarity.png", "zeroshot_predictions.png"]

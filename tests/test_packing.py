@@ -1,0 +1,101 @@
+"""NaViT packing (numpy only): fill, nothing dropped, determinism, sizing, streams."""
+
+import grain
+import numpy as np
+import pytest
+import torch
+
+from vlm_jax.data import packing
+
+
+def _images(n, lo, hi, seed=0):
+    rng = np.random.default_rng(seed)
+    sides = rng.integers(lo, hi + 1, size=(n, 2))
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sides]
+
+
+def test_fill_is_at_least_98_percent_on_2000_images_of_sides_32_to_256():
+    rng = np.random.default_rng(0)
+    sides = rng.integers(32, 257, size=(2000, 2))
+    lengths = [int(np.prod(packing.fit_grid(h, w, 16, 256))) for h, w in sides]
+    bins = packing.pack_lengths(lengths, seq_len=256, max_images=16)
+    assert sorted(i for b in bins for i in b) == list(range(2000))  # each image exactly once
+    assert all(sum(lengths[i] for i in b) <= 256 and len(b) <= 16 for b in bins)
+    fill = sum(lengths) / (len(bins) * 256)
+    assert fill >= 0.98, fill
+
+
+def test_every_image_is_packed_once_with_all_its_patches():
+    images = _images(40, 8, 300, seed=1) + [np.zeros((2000, 700, 3), np.uint8)]  # one oversized
+    batch = packing.pack(images, patch_size=16, seq_len=64, max_images=5)
+    idx = batch["image_index"]
+    assert sorted(idx[idx >= 0].tolist()) == list(range(len(images)))
+    for s, slot in zip(*np.nonzero(idx >= 0)):
+        n = int(np.sum(batch["segment_ids"][s] == slot + 1))
+        gh, gw = batch["grid_sizes"][s, slot]
+        assert n == gh * gw and 1 <= n <= 64
+        rows, cols = batch["positions"][s][batch["segment_ids"][s] == slot + 1].T
+        assert rows.max() == gh - 1 and cols.max() == gw - 1
+    # Padding holds zeros and no slot.
+    assert np.all(batch["patches"][batch["segment_ids"] == 0] == 0)
+
+
+def test_packing_is_deterministic():
+    images = _images(30, 16, 200, seed=2)
+    a = packing.pack(images, patch_size=16, seq_len=128, max_images=8)
+    b = packing.pack([im.copy() for im in images], patch_size=16, seq_len=128, max_images=8)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_grid_is_nearest_patch_multiple_and_oversized_images_keep_their_aspect():
+    assert packing.fit_grid(37, 53, 16, 1000) == (2, 3)   # 2.31 -> 2, 3.31 -> 3
+    assert packing.fit_grid(7, 100, 16, 1000) == (1, 6)   # at least one patch per side
+    gh, gw = packing.fit_grid(2000, 1000, 16, 256)
+    assert gh * gw <= 256 and abs(gh / gw - 2.0) < 0.15
+    assert packing.fit_grid(4000, 64, 16, 256, max_side=32) == (32, 1)
+
+
+def test_patch_layout_matches_the_siglip2_processor():
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    img = np.random.default_rng(0).normal(size=(48, 32, 3)).astype(np.float32)
+    ours = packing.patchify(img, 16, (3, 2))
+    ref = convert_image_to_patches(torch.from_numpy(img).permute(2, 0, 1), 16).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_an_item_that_fits_nowhere_opens_a_new_sequence():
+    bins = packing.pack_lengths([200, 200, 50, 60], seq_len=256, max_images=8, sort=False)
+    assert bins == [[0, 2], [1], [3]]  # 60 tokens fit in neither gap (6, 56): a new sequence
+    assert packing.pack_lengths([10, 10, 10], seq_len=256, max_images=2) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="seq_len"):
+        packing.pack_lengths([300], seq_len=256, max_images=2)
+
+
+def _stream(n, seed=3):
+    images = _images(n, 16, 120, seed=seed)
+    items = [dict(packing.image_to_item(im, patch_size=16, max_patches=32), text=f"img {i}")
+             for i, im in enumerate(images)]
+    return grain.MapDataset.source(items).to_iter_dataset()
+
+
+def test_stream_packing_drops_nothing_and_resumes_exactly():
+    ds = packing.PackedDataset(_stream(50), seq_len=32, max_images=4, window=16, slot_keys=("text",))
+    seqs = list(ds)
+    index = np.concatenate([s["image_index"] for s in seqs])
+    assert sorted(index[index >= 0].tolist()) == list(range(50))
+    for s in seqs:  # per-slot fields follow their image
+        assert [t for t in s["text"] if t] == [f"img {j}" for j in s["image_index"] if j >= 0]
+
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    rest = list(it)
+    it2 = iter(packing.PackedDataset(_stream(50), seq_len=32, max_images=4, window=16,
+                                     slot_keys=("text",)))
+    it2.set_state(state)
+    rest2 = list(it2)
+    assert len(rest) == len(rest2) == len(seqs) - 5
+    for a, b in zip(rest, rest2):
+        assert np.array_equal(a["patches"], b["patches"]) and a["text"] == b["text"]

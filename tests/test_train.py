@@ -1,0 +1,243 @@
+"""The training program: real steps, metrics, config handling, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recipes import ROOT, get_config
+from vlm_jax import checkpoint, config_util, models, optim, parallel, train
+from vlm_jax.data import pipeline
+
+
+def _tiny(**overrides):
+  c = get_config("siglip_shapes", "runlocal")
+  c.data.num_threads = 0
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # one CPU device, like a user's laptop
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _run(args, **kw):
+  return subprocess.run([sys.executable, "-m", "vlm_jax.train", *args], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=600, **kw)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+  c = _tiny()
+  c.optimizer.warmup_steps = 0
+  c.optimizer.decay = "constant"
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
+  model = models.build(c.model)
+  tx, lr = optim.build(c.optimizer, 100)
+  state, shardings = train.create_train_state(c, model, tx, mesh, jax.random.PRNGKey(0))
+  step = train.make_train_step(c, model, tx, lr, mesh, shardings)
+  batch = next(iter(pipeline.train_dataset(c)))
+  batch = parallel.global_batch(batch, mesh)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  assert int(state.step) == 15
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_training_program_writes_metrics_config_and_checkpoints(tmp_path):
+  workdir = str(tmp_path / "run")
+  c = _tiny(total_steps=6, log_every=2, eval_every=6, checkpoint_every=3)
+  last = train.train_and_evaluate(c, workdir)
+  rows = _rows(workdir)
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [2, 4, 6]
+  for r in train_rows:
+    assert np.isfinite(r["train/loss"]) and r["train/images_per_sec"] > 0
+    assert r["data/skipped"] == 0
+  zs = [r for r in rows if "zeroshot/top1" in r]
+  assert [r["step"] for r in zs] == [6] and 0.0 <= zs[0]["zeroshot/top1"] <= 1.0
+  assert last["zeroshot/top1"] == zs[0]["zeroshot/top1"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["total_steps"] == 6
+  ck = checkpoint.load(workdir)
+  assert ck.step == 6 and ck.config.total_steps == 6
+  images = jnp.zeros((2, 32, 32, 3))
+  z = ck.model.apply({"params": ck.params}, images, method="encode_image")
+  assert z.shape == (2, c.model.out_dim)
+  assert checkpoint.load(workdir, step=3).step == 3
+  with pytest.raises(ValueError, match="no checkpoint at step 4"):
+    checkpoint.load(workdir, step=4)
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+  """kill -9 after the second checkpoint, rerun: same final params as uninterrupted."""
+  args = ["--config", "configs/siglip_shapes.py:runlocal",
+          "--config.total_steps=24", "--config.checkpoint_every=4",
+          "--config.eval_every=0", "--config.log_every=4",
+          "--config.keep_checkpoints=10"]
+  straight = str(tmp_path / "straight")
+  proc = _run(args + ["--workdir", straight])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  killed = str(tmp_path / "killed")
+  ckdir = os.path.join(killed, "checkpoints")
+  p = subprocess.Popen([sys.executable, "-m", "vlm_jax.train", *args, "--workdir", killed,
+                        "--config.data.num_threads=0"], cwd=ROOT, env=_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [d for d in (os.listdir(ckdir) if os.path.isdir(ckdir) else []) if d.isdigit()]
+    if len(done) >= 2 or p.poll() is not None:
+      break
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  steps_at_kill = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  assert steps_at_kill and steps_at_kill[-1] < 24, f"run finished before the kill: {steps_at_kill}"
+  proc = _run(args + ["--workdir", killed])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"from step {steps_at_kill[-1]}" in proc.stdout
+  a, b = checkpoint.load(straight), checkpoint.load(killed)
+  assert a.step == b.step == 24
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+  workdir = str(tmp_path / "run")
+  p = subprocess.Popen(
+      [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py:runlocal",
+       "--workdir", workdir, "--config.total_steps=100000", "--config.checkpoint_every=0",
+       "--config.eval_every=0", "--config.log_every=1"],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in p.stdout:
+    if line.startswith("step") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 3:
+      break
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 0
+  assert "saved a checkpoint" in out
+  ck = checkpoint.load(workdir)
+  assert 3 <= ck.step < 100000
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  real = pipeline.train_dataset
+
+  class Poisoned:
+    def __init__(self, ds):
+      self.ds = ds
+
+    def __iter__(self):
+      it = iter(self.ds)
+      outer = self
+
+      class It:
+        n = 0
+        num_skipped = 0
+
+        def __next__(self):
+          b = next(it)
+          self.n += 1
+          if self.n == 4:
+            b["image"] = np.full_like(b["image"], np.nan)
+          return b
+
+        def get_state(self):
+          return it.get_state()
+
+        def set_state(self, s):
+          it.set_state(s)
+      del outer
+      return It()
+
+  monkeypatch.setattr(pipeline, "train_dataset", lambda *a, **k: Poisoned(real(*a, **k)))
+  with pytest.raises(FloatingPointError, match="step 4"):
+    train.train_and_evaluate(_tiny(total_steps=10, checkpoint_every=1, eval_every=0), workdir)
+  ck = checkpoint.load(workdir)
+  assert ck.step == 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ck.params))
+
+
+def test_unknown_config_key_is_an_error_that_names_it(tmp_path):
+  proc = _run(["--config", "configs/siglip_shapes.py:runlocal", "--workdir", str(tmp_path),
+               "--config.batch_sise=8"])
+  assert proc.returncode != 0 and "batch_sise" in proc.stderr
+
+
+def test_malformed_value_is_an_error_that_names_the_key(tmp_path):
+  proc = _run(["--config", "configs/siglip_shapes.py:runlocal", "--workdir", str(tmp_path),
+               "--config.total_steps=many"])
+  assert proc.returncode != 0 and "total_steps" in proc.stderr
+
+
+def test_override_reaches_the_run(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _run(["--config", "configs/siglip_shapes.py:runlocal", "--workdir", workdir,
+               "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=0",
+               "--config.optimizer.lr=0.5", "--config.optimizer.warmup_steps=1"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["total_steps"] == 2 and cfg["optimizer"]["lr"] == 0.5
+  assert [r["step"] for r in _rows(workdir)] == [1, 2]
+
+
+def test_recipe_arguments_are_checked():
+  with pytest.raises(ValueError, match="bogus"):
+    get_config("siglip_shapes", "bogus")
+  with pytest.raises(ValueError, match="res"):
+    get_config("siglip_b16", "res=big")
+  assert get_config("siglip_b16", "res=256,batch_size=64").model.image.image_size == 256
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("batch_size", 0, "batch_size"),
+    ("total_steps", -1, "total_steps"),
+    ("log_every", -5, "log_every"),
+])
+def test_validate_names_bad_fields(field, value, match):
+  c = _tiny(**{field: value})
+  with pytest.raises(ValueError, match=match):
+    config_util.validate(c)
+
+
+def test_batch_not_divisible_by_shards_names_batch_size(tmp_path):
+  c = _tiny(batch_size=12)  # 8 simulated devices on the data axis
+  with pytest.raises(ValueError, match="batch_size"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("name", ["siglip_shapes", "siglip_b16"])
+def test_every_recipe_has_runlocal_and_the_required_fields(name):
+  c = get_config(name, "runlocal")
+  config_util.validate(c)
+  model, variables = models.init(c, jax.random.PRNGKey(0))
+  assert models.count_params(variables) < 2_000_000
+
+
+def test_siglip_b16_recipe_has_the_reference_parameter_count():
+  c = get_config("siglip_b16")
+  model = models.build(c.model)
+  assert models.count_params(models.abstract_variables(model, c)) == 203_155_970

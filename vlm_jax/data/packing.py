@@ -1,0 +1,371 @@
+"""NaViT "Patch n' Pack": cut images of any size into patches and pack several
+images into fixed-length token sequences.
+
+    batch = pack(images, patch_size=16, seq_len=256, max_images=16)
+    batch["patches"]      float32 [S, L, P*P*3]   flattened patches, (row, col, channel) order
+    batch["segment_ids"]  int32   [S, L]          0 = padding, k = the image in slot k - 1
+    batch["positions"]    int32   [S, L, 2]       (patch row, patch col) in its image's grid
+    batch["image_index"]  int32   [S, M]          input index of the image in each slot, -1 = empty
+    batch["grid_sizes"]   int32   [S, M, 2]       (rows, cols) of each slot's patch grid, 0 = empty
+
+Sizing (``fit_grid``): an image of H x W pixels gets a grid of
+round(H / P) x round(W / P) patches (at least 1 x 1): sizes that are not a
+multiple of the patch size are resized to the *nearest* multiple, so at most
+half a patch is added or lost per side. A grid with more than ``seq_len``
+patches (or a side longer than ``max_side``) is shrunk keeping the aspect ratio
+as closely as integer grids allow. The image is then resized (PIL, bilinear,
+antialiased when shrinking) to exactly (rows * P, cols * P) pixels.
+
+Packing (``pack_lengths``) is greedy first-fit: items are visited longest first
+(ties in input order; ``sort=False`` keeps input order) and each goes into the
+first open sequence with room for its tokens and a free slot; when none has room
+a new sequence is opened, so no image is ever dropped. The result is a pure
+function of the input: deterministic.
+
+``PackedDataset`` does the same over a stream (a grain IterDataset): it reads a
+window of ``window`` items, packs them, yields the sequences one by one, then
+reads the next window. Its iterator state (the parent's state at the window
+start and how many of the window's sequences were already yielded) resumes
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "fit_grid", "resize_image", "patchify", "grid_positions", "image_to_item", "pack_lengths", "pack_items", "pack",
+    "fill_rate", "PackedDataset",
+]
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def fit_grid(height: int, width: int, patch_size: int, max_patches: int,
+             max_side: int | None = None) -> tuple[int, int]:
+    """Patch grid (rows, cols) for an image of ``height`` x ``width`` pixels.
+
+    Nearest multiple of ``patch_size`` per side (at least one patch); grids with
+    more than ``max_patches`` patches or a side above ``max_side`` patches are
+    scaled down keeping the aspect ratio (each side then rounded down, and the
+    longer side reduced further until the product fits).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if patch_size <= 0 or max_patches <= 0:
+        raise ValueError(f"patch_size ({patch_size}) and max_patches ({max_patches}) must be > 0")
+    gh = max(1, int(math.floor(height / patch_size + 0.5)))
+    gw = max(1, int(math.floor(width / patch_size + 0.5)))
+    scale = 1.0
+    if gh * gw > max_patches:
+        scale = math.sqrt(max_patches / (gh * gw))
+    if max_side is not None and max(gh, gw) * scale > max_side:
+        scale = max_side / max(gh, gw)
+    if scale < 1.0:
+        gh = max(1, int(math.floor(gh * scale + 1e-9)))
+        gw = max(1, int(math.floor(gw * scale + 1e-9)))
+    while gh * gw > max_patches or (max_side is not None and max(gh, gw) > max_side):
+        if gh >= gw:
+            gh -= 1
+        else:
+            gw -= 1
+    return gh, gw
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """[H, W, C] uint8 or float -> float32 [h, w, C], PIL bilinear (antialiased when shrinking).
+
+    uint8 images are resized as 8-bit RGB (values stay 0-255, rounded), floats per
+    channel in 32-bit float.
+    """
+    if image.shape[:2] == tuple(hw):
+        return image.astype(np.float32, copy=False)
+    size = (hw[1], hw[0])
+    if image.dtype == np.uint8:
+        out = Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(out, np.float32)
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), mode="F")
+                        .resize(size, Image.Resampling.BILINEAR)) for c in range(image.shape[-1])]
+    return np.stack(chans, axis=-1).astype(np.float32, copy=False)
+
+
+def _check_image(image: Any, what: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what} must be an H x W x 3 array, got shape {arr.shape}")
+    if not (arr.dtype == np.uint8 or np.issubdtype(arr.dtype, np.floating)):
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def patchify(image: np.ndarray, patch_size: int, grid: tuple[int, int]) -> np.ndarray:
+    """Resize ``image`` [H, W, 3] to ``grid`` * patch_size pixels and cut it into patches.
+
+    Returns float32 [rows * cols, P*P*3], row-major over the grid; each patch is
+    flattened in (pixel row, pixel col, channel) order, as SigLIP 2's processor does.
+    """
+    gh, gw = grid
+    p = patch_size
+    img = resize_image(_check_image(image, "image"), (gh * p, gw * p))
+    x = img.reshape(gh, p, gw, p, img.shape[-1]).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(x.reshape(gh * gw, p * p * img.shape[-1]), np.float32)
+
+
+def grid_positions(grid: tuple[int, int]) -> np.ndarray:
+    """int32 [rows * cols, 2]: (row, col) of every patch, row-major."""
+    r, c = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    return np.stack([r.reshape(-1), c.reshape(-1)], axis=-1).astype(np.int32)
+
+
+def image_to_item(image: Any, *, patch_size: int, max_patches: int,
+                  max_side: int | None = None) -> dict[str, np.ndarray]:
+    """One image -> {"patches" float32 [n, P*P*3], "positions" int32 [n, 2], "grid" int32 [2]}."""
+    arr = _check_image(image, "image")
+    grid = fit_grid(arr.shape[0], arr.shape[1], patch_size, max_patches, max_side)
+    return {"patches": patchify(arr, patch_size, grid), "positions": grid_positions(grid),
+            "grid": np.asarray(grid, np.int32)}
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_lengths(lengths: Sequence[int], seq_len: int, max_images: int,
+                 sort: bool = True) -> list[list[int]]:
+    """Greedy first-fit packing of items with ``lengths`` tokens into sequences.
+
+    Args:
+      lengths: tokens per item, each in [1, seq_len].
+      seq_len: tokens per sequence L.
+      max_images: items per sequence at most (M).
+      sort: visit items longest first (first-fit decreasing; ties in input
+        order); False: in input order.
+    Returns:
+      One list of item indices per sequence, in the order they were placed.
+    """
+    lengths = [int(n) for n in lengths]
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= seq_len:
+            raise ValueError(f"item {i} has {n} tokens; must be in [1, seq_len={seq_len}]")
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else range(len(lengths))
+    room = np.zeros(max(len(lengths), 1), np.int64)
+    count = np.zeros(max(len(lengths), 1), np.int64)
+    bins: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        fits = np.flatnonzero((room[:len(bins)] >= n) & (count[:len(bins)] < max_images))
+        if fits.size:
+            k = int(fits[0])
+        else:
+            k = len(bins)
+            bins.append([])
+            room[k] = seq_len
+        bins[k].append(i)
+        room[k] -= n
+        count[k] += 1
+    return bins
+
+
+def _empty(num: int, seq_len: int, max_images: int, dim: int) -> dict[str, np.ndarray]:
+    return {
+        "patches": np.zeros((num, seq_len, dim), np.float32),
+        "segment_ids": np.zeros((num, seq_len), np.int32),
+        "positions": np.zeros((num, seq_len, 2), np.int32),
+        "image_index": np.full((num, max_images), -1, np.int32),
+        "grid_sizes": np.zeros((num, max_images, 2), np.int32),
+    }
+
+
+def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bool = True,
+               indices: Sequence[int] | None = None,
+               bins: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Pack patchified items (``image_to_item`` dicts, maybe token-dropped) into sequences.
+
+    ``indices[i]`` is recorded in ``image_index`` for item i (default i).
+    ``bins`` (from ``pack_lengths``) may be given to reuse a packing.
+    Returns the dict described in the module docstring (S = number of sequences).
+    """
+    if not items:
+        raise ValueError("pack needs at least one image")
+    dim = int(items[0]["patches"].shape[-1])
+    if bins is None:
+        bins = pack_lengths([len(it["patches"]) for it in items], seq_len, max_images, sort)
+    out = _empty(len(bins), seq_len, max_images, dim)
+    for s, members in enumerate(bins):
+        pos = 0
+        for slot, i in enumerate(members):
+            it = items[i]
+            n = len(it["patches"])
+            if it["patches"].shape[-1] != dim:
+                raise ValueError(f"item {i} has patch dim {it['patches'].shape[-1]}, expected {dim}")
+            out["patches"][s, pos:pos + n] = it["patches"]
+            out["positions"][s, pos:pos + n] = it["positions"]
+            out["segment_ids"][s, pos:pos + n] = slot + 1
+            out["image_index"][s, slot] = i if indices is None else indices[i]
+            out["grid_sizes"][s, slot] = it["grid"]
+            pos += n
+    return out
+
+
+def pack(images: Sequence[Any], *, patch_size: int, seq_len: int, max_images: int,
+         max_side: int | None = None, sort: bool = True) -> dict[str, np.ndarray]:
+    """Patchify and pack images of any sizes (see the module docstring).
+
+    Args:
+      images: list of H x W x 3 arrays (uint8 or float; values are kept as given,
+        normalise before packing).
+      patch_size: P, pixels per patch side.
+      seq_len: tokens per sequence L; larger images are shrunk to fit.
+      max_images: slots per sequence M.
+      max_side: optional cap on patches per grid side (e.g. the size of a
+        learned position table).
+      sort: first-fit decreasing (default) or first-fit in input order.
+    Returns:
+      dict of numpy arrays: patches float32 [S, L, P*P*3], segment_ids int32
+      [S, L], positions int32 [S, L, 2], image_index int32 [S, M] (input index,
+      -1 empty), grid_sizes int32 [S, M, 2]. Every input image is in exactly one slot.
+    """
+    items = [image_to_item(im, patch_size=patch_size, max_patches=seq_len, max_side=max_side)
+             for im in images]
+    return pack_items(items, seq_len=seq_len, max_images=max_images, sort=sort)
+
+
+def fill_rate(batch: dict[str, np.ndarray]) -> float:
+    """Fraction of the S x L token slots that hold image tokens (not padding)."""
+    return float(np.mean(batch["segment_ids"] > 0))
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class PackedIterator(grain.DatasetIterator):
+    """Iterator of ``PackedDataset``: yields one packed sequence at a time.
+
+    Each element: patches [L, P*P*3], segment_ids [L], positions [L, 2],
+    image_index [M] (position of the item in the stream of non-skipped items),
+    grid_sizes [M, 2], and for each of ``slot_keys`` a list of M values (None
+    for empty slots). ``num_skipped`` counts items the ``skip`` predicate rejected.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, ds: "PackedDataset"):
+        super().__init__(parent)
+        self._ds = ds
+        self._window_state = None
+        self._seqs: list[dict] = []
+        self._emitted = 0
+        self._items_before = 0      # non-skipped items consumed so far
+        self._window_items_before = 0
+        self._seqs_before = 0       # sequences yielded before this window
+        self._skipped_before = 0
+        self._skipped = 0
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skipped
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences yielded so far (the training-step clock of token-drop schedules)."""
+        return self._seqs_before + self._emitted
+
+    def _read_window(self) -> None:
+        ds = self._ds
+        self._seqs_before += self._emitted
+        self._skipped_before = self._skipped
+        self._window_items_before = self._items_before
+        self._window_state = self._parent.get_state()
+        items, extras = [], []
+        while len(items) < ds.window:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                break
+            if ds.skip is not None and ds.skip(ex):
+                self._skipped += 1
+                continue
+            if ds.transform is not None:
+                ex = ds.transform(ex, self._items_before + len(items), self._seqs_before)
+            items.append(ex)
+        if not items:
+            raise StopIteration
+        index = list(range(self._items_before, self._items_before + len(items)))
+        batch = pack_items(items, seq_len=ds.seq_len, max_images=ds.max_images, sort=ds.sort,
+                           indices=index)
+        seqs = []
+        for s in range(batch["segment_ids"].shape[0]):
+            seq = {k: v[s] for k, v in batch.items()}
+            for key in ds.slot_keys:
+                seq[key] = [None if j < 0 else items[j - self._items_before].get(key)
+                            for j in seq["image_index"]]
+            seqs.append(seq)
+        self._items_before += len(items)
+        self._seqs = seqs
+        self._emitted = 0
+
+    def __next__(self) -> dict:
+        if self._emitted >= len(self._seqs):
+            self._read_window()
+        seq = self._seqs[self._emitted]
+        self._emitted += 1
+        return seq
+
+    def get_state(self) -> dict:
+        if self._window_state is None:  # nothing read yet
+            return {"parent": self._parent.get_state(), "emitted": 0, "items_before": 0,
+                    "seqs_before": 0, "skipped_before": self._skipped, "started": False}
+        return {"parent": self._window_state, "emitted": self._emitted,
+                "items_before": self._window_items_before,
+                "seqs_before": self._seqs_before, "skipped_before": self._skipped_before,
+                "started": True}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._seqs, self._emitted, self._window_state = [], 0, None
+        self._items_before = int(state["items_before"])
+        self._seqs_before = int(state["seqs_before"])
+        self._skipped = self._skipped_before = int(state["skipped_before"])
+        if state["started"]:
+            self._read_window()      # re-reads and re-packs the same window
+            self._emitted = int(state["emitted"])
+
+
+class PackedDataset(grain.IterDataset):
+    """Packs a stream of patchified items into sequences (a grain IterDataset transform).
+
+    Args:
+      parent: IterDataset of items: dicts with "patches" [n, P*P*3], "positions"
+        [n, 2] and "grid" [2] (``image_to_item``), plus any other fields.
+      seq_len, max_images: L and M.
+      window: items read and packed together (the packing buffer); larger fills
+        better, costs memory and latency.
+      slot_keys: item fields passed through per slot (e.g. ("text",)).
+      transform: optional ``fn(item, item_position, sequences_so_far) -> item``
+        applied before packing (token dropping; ``sequences_so_far`` is the clock
+        for schedules over training steps).
+      skip: optional predicate: items for which it is True are counted and skipped.
+      sort: first-fit decreasing within a window (default) or input order.
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_images: int,
+                 window: int = 256, slot_keys: Iterable[str] = (),
+                 transform: Callable | None = None, skip: Callable | None = None,
+                 sort: bool = True):
+        super().__init__(parent)
+        if window < 1:
+            raise ValueError(f"packing window must be >= 1, got {window}")
+        self.seq_len, self.max_images, self.window = int(seq_len), int(max_images), int(window)
+        self.slot_keys = tuple(slot_keys)
+        self.transform, self.skip, self.sort = transform, skip, sort
+
+    def __iter__(self) -> PackedIterator:
+        return PackedIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"PackedDataset(seq_len={self.seq_len}, max_images={self.max_images}, window={self.window})"
