@@ -234,3 +234,20 @@ def test_keep_best_metric_must_be_an_evaluated_metric():
     config_util.validate(c)
   c.checkpoint_every = 5
   config_util.validate(c)
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_encoder_on_a_mesh_equals_one_device(axis_types):
+  from vlm_jax import parallel  # pylint: disable=import-outside-toplevel
+  from vlm_jax.evaluators.encoder import Encoder  # pylint: disable=import-outside-toplevel
+  c = get_config("siglip_shapes", "runlocal")
+  model, variables = models.init(c, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, size=(10, 32, 32, 3)).astype(np.float32)
+  tokens = rng.integers(2, 200, size=(10, c.model.text.max_len)).astype(np.int32)
+  mesh = parallel.make_mesh([("data", 4), ("fsdp", 2)], axis_types=axis_types)
+  one, sharded = Encoder(model, batch_size=8), Encoder(model, mesh=mesh, batch_size=8)
+  np.testing.assert_allclose(sharded.images(variables["params"], images),
+                             one.images(variables["params"], images), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sharded.tokens(variables["params"], tokens),
+                             one.tokens(variables["params"], tokens), rtol=1e-5, atol=1e-5)

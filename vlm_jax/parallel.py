@@ -73,6 +73,11 @@ def make_mesh(spec: Sequence[tuple[str, int]], *, axis_types: str = "auto",
                        axis_types=(kinds[axis_types],) * len(names), devices=devices)
 
 
+def is_explicit(mesh: jax.sharding.Mesh) -> bool:
+  """True when any mesh axis uses jax's Explicit (sharding-in-types) mode."""
+  return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
 def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
   """The mesh axes the global batch is split over ("data" and "fsdp" if present)."""
   return tuple(a for a in mesh.axis_names if a in BATCH_AXIS_NAMES)

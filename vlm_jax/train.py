@@ -141,13 +141,9 @@ def check_batch_size(config, mesh) -> int:
   return accum
 
 
-def _is_explicit(mesh) -> bool:
-  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-
-
 def _constrain(x, sharding):
   """Pins ``x`` to ``sharding``: a reshard on Explicit meshes, a hint on Auto ones."""
-  if _is_explicit(sharding.mesh):
+  if parallel.is_explicit(sharding.mesh):
     return jax.reshard(x, sharding)
   return jax.lax.with_sharding_constraint(x, sharding)
 
@@ -227,7 +223,7 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
         {"params": params}, images, tokens, train=True, rngs={"dropout": key})
     return zimg, ztxt, out["t"], out["b"]
 
-  if _is_explicit(mesh):
+  if parallel.is_explicit(mesh):
     # On Explicit meshes every op must have an unambiguous output sharding;
     # the towers (embedding gathers, convolutions, FSDP matmuls) leave that to
     # the partitioner, so they run with Auto axes and only their outputs are
@@ -248,7 +244,7 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
           {"params": params}, images, tokens, train=True, rngs={"dropout": key})
       return zimg, ztxt, out["t"], out["b"], out["img/valid"]
 
-    if _is_explicit(mesh):
+    if parallel.is_explicit(mesh):
       embed_packed = jax.sharding.auto_axes(
           embed_packed, out_sharding=(emb, emb, rep, rep, parallel.batch_sharding(mesh, 1)))
 
@@ -493,53 +489,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   print(f"Training {config.total_steps} steps from step {start_step} "
         f"({n_params:,} params, mesh {dict(mesh.shape)})", flush=True)
-  while step < config.total_steps:
-    local = next(data_iter)
-    batch = parallel.global_batch(local, mesh)
-    state, metrics = train_step(state, batch)
-    step += 1
-    n_log += 1
-    n_images += int(metrics.get("train/num_images", config.batch_size))
-    loss = float(metrics["train/loss"])
-    if not math.isfinite(loss):
-      ckpt.wait()
-      raise FloatingPointError(
-          f"Non-finite loss {loss} at step {step}; stopping. The last good "
-          f"checkpoint (step {ckpt.latest_step()}) in {workdir} is intact.")
+  try:
+    while step < config.total_steps:
+      local = next(data_iter)
+      batch = parallel.global_batch(local, mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      n_log += 1
+      n_images += int(metrics.get("train/num_images", config.batch_size))
+      loss = float(metrics["train/loss"])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        raise FloatingPointError(
+            f"Non-finite loss {loss} at step {step}; stopping. The last good "
+            f"checkpoint (step {ckpt.latest_step()}) in {workdir} is intact.")
 
-    if periodic(config.log_every, step):
-      now = time.time()
-      rate = n_images / max(now - t_log, 1e-9)
-      done = (step - start_step) / max(now - t_start, 1e-9)
-      eta = (config.total_steps - step) / max(done, 1e-9)
-      row = {k: float(v) for k, v in metrics.items()}
-      row["train/images_per_sec"] = rate
-      row["data/skipped"] = int(getattr(data_iter, "num_skipped", 0))
-      log.write(step, row)
-      last.update(row)
-      if is_main:
-        print(f"step {step:>7d}/{config.total_steps} | loss {loss:.4f} | "
-              f"{rate:,.0f} img/s | ETA {_fmt_time(eta)}", flush=True)
-      t_log, n_log, n_images = time.time(), 0, 0
+      if periodic(config.log_every, step):
+        now = time.time()
+        rate = n_images / max(now - t_log, 1e-9)
+        done = (step - start_step) / max(now - t_start, 1e-9)
+        eta = (config.total_steps - step) / max(done, 1e-9)
+        row = {k: float(v) for k, v in metrics.items()}
+        row["train/images_per_sec"] = rate
+        row["data/skipped"] = int(getattr(data_iter, "num_skipped", 0))
+        log.write(step, row)
+        last.update(row)
+        if is_main:
+          print(f"step {step:>7d}/{config.total_steps} | loss {loss:.4f} | "
+                f"{rate:,.0f} img/s | ETA {_fmt_time(eta)}", flush=True)
+        t_log, n_log, n_images = time.time(), 0, 0
 
-    eval_metrics = {}
-    if evaluator is not None and periodic(config.eval_every, step):
-      eval_metrics = evaluator.run(state.params)
-      log.write(step, eval_metrics)
-      last.update(eval_metrics)
-      if is_main:
-        print(f"step {step:>7d} | " + " | ".join(
-            f"{k} {v:.4f}" for k, v in eval_metrics.items()), flush=True)
-      t_log = time.time()  # do not count eval time against images/s
+      eval_metrics = {}
+      if evaluator is not None and periodic(config.eval_every, step):
+        t_eval = time.time()
+        eval_metrics = evaluator.run(state.params)
+        log.write(step, eval_metrics)
+        last.update(eval_metrics)
+        if is_main:
+          print(f"step {step:>7d} | " + " | ".join(
+              f"{k} {v:.4f}" for k, v in eval_metrics.items()), flush=True)
+        t_log += time.time() - t_eval  # eval time does not count against images/s
 
-    if periodic(config.checkpoint_every, step) or stop.received:
-      ckpt.save(step, state, data_iter.get_state(), metrics=eval_metrics or None)
-    if stop.received:
-      print(f"Received signal {stop.received}: saved a checkpoint at step {step}, exiting.",
-            flush=True)
-      break
-
-  ckpt.close()
+      if periodic(config.checkpoint_every, step) or stop.received:
+        ckpt.save(step, state, data_iter.get_state(), metrics=eval_metrics or None)
+      if stop.received:
+        print(f"Received signal {stop.received}: saved a checkpoint at step {step}, exiting.",
+              flush=True)
+        break
+  finally:
+    ckpt.close()  # waits for async saves, also when the run raises
   return last
 
 

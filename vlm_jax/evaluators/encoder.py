@@ -31,8 +31,16 @@ class Encoder:
     self.model = model
     self.mesh = mesh
     self.batch_size = int(batch_size)
-    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
+    encode_image = lambda p, x: model.apply({"params": p}, x, method="encode_image")
+    encode_text = lambda p, t: model.apply({"params": p}, t, method="encode_text")
+    if mesh is not None and parallel.is_explicit(mesh):
+      # The towers run with Auto axes (as in training); only the embeddings
+      # are typed, split over the batch axes.
+      out = parallel.batch_sharding(mesh, 2)
+      encode_image = jax.sharding.auto_axes(encode_image, out_sharding=out)
+      encode_text = jax.sharding.auto_axes(encode_text, out_sharding=out)
+    self._img = jax.jit(encode_image)
+    self._txt = jax.jit(encode_text)
 
   def _run(self, fn, params, x, batch_size=None) -> np.ndarray:
     x = np.asarray(x)
