@@ -77,7 +77,9 @@ def get_config(arg=None):
   o.lr = 1e-3
   o.warmup_steps = 10_000
   o.b2 = 0.95
-  o.weight_decay = 1e-4
+  # The paper's decoupled decay of 1e-4 (times the schedule's multiplier);
+  # optax's adamw multiplies weight_decay by the learning rate, hence / lr.
+  o.weight_decay = 1e-4 / o.lr
 
   if arg.runlocal:
     c.total_steps = 30

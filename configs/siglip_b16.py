@@ -67,14 +67,16 @@ def get_config(arg=None):
   o = c.optimizer
   o.lr = 1e-3
   o.b1, o.b2 = 0.9, 0.95
-  o.weight_decay = 1e-4
+  # The paper's decoupled decay of 1e-4 (times the schedule's multiplier);
+  # optax's adamw multiplies weight_decay by the learning rate, hence / lr.
+  o.weight_decay = 1e-4 / o.lr
   o.warmup_steps = 5000
   o.decay = "cosine"
   o.grad_clip_norm = 1.0
 
   c.loss = "sigmoid"
   c.loss_impl = "chunked"
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
 
   if arg.runlocal:
     # Same structure, tiny sizes, embedded data and byte tokenizer.

@@ -57,3 +57,20 @@ def test_texts_come_back_in_input_order():
     z = inference.encode_texts(model, v, texts, batch_size=3)
     ref = model.apply(v, jnp.asarray(ByteTokenizer(16).encode(texts)), method="encode_text")
     np.testing.assert_allclose(z, ref, atol=1e-5)
+
+
+def test_texts_need_the_runs_tokenizer_when_the_vocabulary_is_not_bytes():
+    text = dict(TEXT, vocab_size=1000)
+    image = dict(variant=None, width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
+                 image_size=16)
+    model = models.build(dict(image=image, text=text, out_dim=32))
+    images, tokens = models.dummy_inputs(dict(image=image, text=text, out_dim=32))
+    v = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens))
+    try:
+        inference.encode_texts(model, v, ["a red circle"])
+    except ValueError as e:
+        assert "1000" in str(e) and "tokenizer" in str(e)
+    else:
+        raise AssertionError("a byte tokenizer was silently used for a 1000-token vocabulary")
+    z = inference.encode_texts(model, v, ["a red circle"], tokenizer=ByteTokenizer(16))
+    assert z.shape == (1, 32)

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -130,9 +131,12 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
        "--workdir", workdir, "--config.total_steps=100000", "--config.checkpoint_every=0",
        "--config.eval_every=0", "--config.log_every=1"],
       cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  timer = threading.Timer(300, p.kill)  # never hang the suite on a stuck child
+  timer.start()
   for line in p.stdout:
     if line.startswith("step") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 3:
       break
+  timer.cancel()
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=120)
   assert p.returncode == 0
@@ -192,6 +196,25 @@ def test_malformed_value_is_an_error_that_names_the_key(tmp_path):
   assert proc.returncode != 0 and "total_steps" in proc.stderr
 
 
+def test_mesh_and_sharding_rules_can_be_overridden_on_the_command_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = _env()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  proc = subprocess.run(
+      [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py:runlocal",
+       "--workdir", workdir, "--config.total_steps=2", "--config.log_every=1",
+       "--config.eval_every=0", "--config.optimizer.warmup_steps=1",
+       "--config.mesh=(('data', 2), ('fsdp', 2), ('tensor', 1))",
+       "--config.sharding_rules=(('embed', 'fsdp'), ('mlp', None))"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "'data': 2, 'fsdp': 2" in proc.stdout
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["mesh"] == [["data", 2], ["fsdp", 2], ["tensor", 1]]
+  assert cfg["sharding_rules"] == [["embed", "fsdp"], ["mlp", None]]
+
+
 def test_override_reaches_the_run(tmp_path):
   workdir = str(tmp_path / "run")
   proc = _run(["--config", "configs/siglip_shapes.py:runlocal", "--workdir", workdir,
@@ -229,9 +252,10 @@ def test_batch_not_divisible_by_shards_names_batch_size(tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("name", ["siglip_shapes", "siglip_b16"])
-def test_every_recipe_has_runlocal_and_the_required_fields(name):
-  c = get_config(name, "runlocal")
+@pytest.mark.parametrize("name,arg", [("siglip_shapes", "runlocal"), ("siglip_b16", "runlocal"),
+                                      ("navit_b16", "runlocal"), ("navit_b16", "runlocal,naflex")])
+def test_every_recipe_has_runlocal_and_the_required_fields(name, arg):
+  c = get_config(name, arg)
   config_util.validate(c)
   model, variables = models.init(c, jax.random.PRNGKey(0))
   assert models.count_params(variables) < 2_000_000

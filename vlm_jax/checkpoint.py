@@ -164,10 +164,7 @@ def _to_config(obj):
 def sharding_rules(config):
   """``config.sharding_rules`` as a tuple of (logical name, mesh axes) pairs, or the defaults."""
   from vlm_jax import parallel  # pylint: disable=import-outside-toplevel
-  rules = config.get("sharding_rules")
-  if not rules:
-    return parallel.DEFAULT_RULES
-  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+  return parallel.rules_from_config(config)
 
 
 def param_shardings(model, config, mesh):

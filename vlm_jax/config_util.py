@@ -140,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh: axes and sizes, -1 = all remaining devices. The batch is split
   # over "data" and "fsdp"; params are split by the logical-axis rules
   # (vlm_jax.parallel.DEFAULT_RULES): "embed" over fsdp, "mlp"/"heads" over tensor.
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  # A tuple of (name, size) pairs, so the command line can override it:
+  #   --config.mesh="(('data', -1), ('fsdp', 8), ('tensor', 1))"
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  # Logical-axis rules, (logical name, mesh axis or axes) pairs; empty = the
+  # defaults (vlm_jax.parallel.DEFAULT_RULES). E.g. (("embed", "fsdp"), ("mlp", "tensor")).
+  c.sharding_rules = ()
   c.mesh_axis_types = "auto"             # "auto" | "explicit"
   return c

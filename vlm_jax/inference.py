@@ -163,6 +163,11 @@ def encode_texts(model, variables, texts: Sequence[str], *, tokenizer: Any = Non
         raise ValueError("encode_texts got no texts")
     if tokenizer is None:
         tokenizer = ByteTokenizer(int(max_len or model.text.max_len))
+        if model.text.vocab_size != tokenizer.vocab_size:
+            raise ValueError(
+                f"the text tower has a vocabulary of {model.text.vocab_size}, not the byte "
+                f"tokenizer's {tokenizer.vocab_size}: pass the run's tokenizer, e.g. "
+                "tokenizer=vlm_jax.data.tokenizers.build_tokenizer(ckpt.config.tokenizer)")
     tokens = np.asarray(tokenizer.encode(list(texts)), np.int32)
     if tokens.shape[1] > model.text.max_len:
         raise ValueError(f"tokenizer gives {tokens.shape[1]} tokens per text, more than the "

@@ -21,7 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.999,
       eps=1e-8,
-      weight_decay=1e-4,  # AdamW decay; optax applies lr(step) * weight_decay * param
+      weight_decay=1e-4,  # AdamW (optax): each step param -= lr(step) * weight_decay * param
       wd_pattern=r"(^|/)(kernel|embedding)$",  # params that decay (regex on the path)
       grad_clip_norm=1.0,  # 0 or None: no clipping
   ))

@@ -5,9 +5,9 @@ Model parameters and activations carry *logical* axis names ("embed", "mlp",
 None, replicated). Data parallelism, FSDP and tensor parallelism are then a
 change of ``config.mesh`` and ``config.sharding_rules``:
 
-  DP    mesh=[("data", -1)]
-  FSDP  mesh=[("data", 2), ("fsdp", -1)]         params split on "embed"
-  TP    mesh=[("data", -1), ("tensor", 4)]       "mlp"/"heads" split
+  DP    mesh=(("data", -1),)
+  FSDP  mesh=(("data", 2), ("fsdp", -1))       params split on "embed"
+  TP    mesh=(("data", -1), ("tensor", 4))     "mlp"/"heads" split
 
 The batch is split over every mesh axis listed in ``batch_axes(mesh)`` (those
 named "data" or "fsdp"), so FSDP ranks also read different examples.
@@ -81,6 +81,17 @@ def is_explicit(mesh: jax.sharding.Mesh) -> bool:
 def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
   """The mesh axes the global batch is split over ("data" and "fsdp" if present)."""
   return tuple(a for a in mesh.axis_names if a in BATCH_AXIS_NAMES)
+
+
+def rules_from_config(config):
+  """``config.sharding_rules`` as (logical name, mesh axes) pairs; the defaults if empty.
+
+  Lists (as read back from config.json) become tuples.
+  """
+  rules = config.get("sharding_rules")
+  if not rules:
+    return DEFAULT_RULES
+  return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules)
 
 
 def rules_for_mesh(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):

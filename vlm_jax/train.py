@@ -59,12 +59,6 @@ class TrainState:
 
 # ----------------------------------------------------------------- setup ---
 
-def _dummy_inputs(config):
-  size = config.model.image.image_size
-  return (jnp.zeros((1, size, size, 3), jnp.float32),
-          jnp.zeros((1, config.model.text.max_len), jnp.int32))
-
-
 def train_state_shardings(config, model, tx, mesh) -> TrainState:
   """The TrainState's NamedShardings on ``mesh``, from shapes only (nothing is allocated).
 
@@ -72,8 +66,8 @@ def train_state_shardings(config, model, tx, mesh) -> TrainState:
   or ``parallel.DEFAULT_RULES``); optimizer moments follow their parameters;
   step, rng and other optimizer scalars are replicated.
   """
-  images, tokens = _dummy_inputs(config)
-  rules = parallel.rules_for_mesh(mesh, _rules(config))
+  images, tokens = models.dummy_inputs(config.model)
+  rules = parallel.rules_for_mesh(mesh, parallel.rules_from_config(config))
   key = jax.random.PRNGKey(0)
   boxed = jax.eval_shape(lambda k: model.init(k, images, tokens), key)
   logical = nn.get_partition_spec(boxed)["params"]
@@ -96,7 +90,7 @@ def create_train_state(config, model, tx, mesh, rng):
   Returns:
     (state, state_shardings)
   """
-  images, tokens = _dummy_inputs(config)
+  images, tokens = models.dummy_inputs(config.model)
   init_rng, state_rng = jax.random.split(rng)
   shardings = train_state_shardings(config, model, tx, mesh)
 
@@ -109,11 +103,6 @@ def create_train_state(config, model, tx, mesh, rng):
   # constraints to kernels before their final reshape; out_shardings suffice.
   state = jax.jit(make, out_shardings=shardings)(init_rng)
   return state, shardings
-
-
-def _rules(config):
-  rules = config.get("sharding_rules")
-  return tuple((k, v) for k, v in rules) if rules else parallel.DEFAULT_RULES
 
 
 def check_batch_size(config, mesh) -> int:
@@ -484,9 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return every and (step % every == 0 or step == config.total_steps)
 
   last = {}
-  t_start = time.time()
-  t_log, n_log, n_images = time.time(), 0, 0
   step = start_step
+  t_start = t_log = time.time()
+  n_images, pending = [], []  # device scalars, read only when needed
   print(f"Training {config.total_steps} steps from step {start_step} "
         f"({n_params:,} params, mesh {dict(mesh.shape)})", flush=True)
   try:
@@ -495,29 +484,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = parallel.global_batch(local, mesh)
       state, metrics = train_step(state, batch)
       step += 1
-      n_log += 1
-      n_images += int(metrics.get("train/num_images", config.batch_size))
-      loss = float(metrics["train/loss"])
-      if not math.isfinite(loss):
-        ckpt.wait()
-        raise FloatingPointError(
-            f"Non-finite loss {loss} at step {step}; stopping. The last good "
-            f"checkpoint (step {ckpt.latest_step()}) in {workdir} is intact.")
+      if step == start_step + 1:  # the first step compiles: rates count from its end
+        jax.block_until_ready(metrics)
+        t_start = t_log = time.time()
+      else:
+        n_images.append(metrics.get("train/num_images", config.batch_size))
+
+      # Losses are read without stalling the device every step: at each log,
+      # eval and checkpoint step, so no checkpoint ever holds a NaN state.
+      pending.append((step, metrics["train/loss"]))
+      saving = periodic(config.checkpoint_every, step) or stop.received
+      if saving or periodic(config.log_every, step) or periodic(config.eval_every, step):
+        for s, value in pending:
+          if not math.isfinite(float(value)):
+            ckpt.wait()
+            raise FloatingPointError(
+                f"Non-finite loss {float(value)} at step {s}; stopping. The last good "
+                f"checkpoint (step {ckpt.latest_step()}) in {workdir} is intact.")
+        pending = []
 
       if periodic(config.log_every, step):
         now = time.time()
-        rate = n_images / max(now - t_log, 1e-9)
-        done = (step - start_step) / max(now - t_start, 1e-9)
-        eta = (config.total_steps - step) / max(done, 1e-9)
+        rate = sum(float(n) for n in n_images) / max(now - t_log, 1e-9)
+        done = max(step - start_step - 1, 1) / max(now - t_start, 1e-9)
+        eta = (config.total_steps - step) / done
         row = {k: float(v) for k, v in metrics.items()}
         row["train/images_per_sec"] = rate
         row["data/skipped"] = int(getattr(data_iter, "num_skipped", 0))
         log.write(step, row)
         last.update(row)
         if is_main:
-          print(f"step {step:>7d}/{config.total_steps} | loss {loss:.4f} | "
+          print(f"step {step:>7d}/{config.total_steps} | loss {row['train/loss']:.4f} | "
                 f"{rate:,.0f} img/s | ETA {_fmt_time(eta)}", flush=True)
-        t_log, n_log, n_images = time.time(), 0, 0
+        t_log, n_images = time.time(), []
 
       eval_metrics = {}
       if evaluator is not None and periodic(config.eval_every, step):
@@ -528,9 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:
           print(f"step {step:>7d} | " + " | ".join(
               f"{k} {v:.4f}" for k, v in eval_metrics.items()), flush=True)
-        t_log += time.time() - t_eval  # eval time does not count against images/s
+        # Evaluation time counts neither against images/s nor the ETA.
+        t_log += time.time() - t_eval
+        t_start += time.time() - t_eval
 
-      if periodic(config.checkpoint_every, step) or stop.received:
+      if saving:
         ckpt.save(step, state, data_iter.get_state(), metrics=eval_metrics or None)
       if stop.received:
         print(f"Received signal {stop.received}: saved a checkpoint at step {step}, exiting.",

@@ -39,8 +39,10 @@ class Encoder:
       out = parallel.batch_sharding(mesh, 2)
       encode_image = jax.sharding.auto_axes(encode_image, out_sharding=out)
       encode_text = jax.sharding.auto_axes(encode_text, out_sharding=out)
-    self._img = jax.jit(encode_image)
-    self._txt = jax.jit(encode_text)
+    # Replicated outputs: every process can read all rows (multi-host meshes).
+    out_sharding = parallel.replicated(mesh) if mesh is not None else None
+    self._img = jax.jit(encode_image, out_shardings=out_sharding)
+    self._txt = jax.jit(encode_text, out_shardings=out_sharding)
 
   def _run(self, fn, params, x, batch_size=None) -> np.ndarray:
     x = np.asarray(x)
