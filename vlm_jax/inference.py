@@ -26,6 +26,7 @@ import numpy as np
 
 from vlm_jax.data import packing, preprocess
 from vlm_jax.data.tokenizers import ByteTokenizer
+from vlm_jax.evaluators.encoder import normalize as normalize_rows
 from vlm_jax.models.navit import NaViT
 
 __all__ = ["encode_images", "encode_texts"]
@@ -55,10 +56,6 @@ def _to_range(x: np.ndarray, raw_dtype, value_range) -> np.ndarray:
         return x
     lo, hi = (float(v) for v in value_range)
     return (x * np.float32((hi - lo) / 255.0) + np.float32(lo)).astype(np.float32)
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _batches(n: int, batch_size: int):
@@ -140,7 +137,7 @@ def encode_images(model, variables, images: Sequence[Any], *, seq_len: int | Non
             x = _pad_rows(np.stack(resized[start:stop]), min(bs, len(resized)))
             parts.append(np.asarray(fn(variables, x), np.float32)[:stop - start])
         out = np.concatenate(parts)
-    return _l2(out) if normalize else out
+    return normalize_rows(out) if normalize else out
 
 
 def encode_texts(model, variables, texts: Sequence[str], *, tokenizer: Any = None,
@@ -179,4 +176,4 @@ def encode_texts(model, variables, texts: Sequence[str], *, tokenizer: Any = Non
         parts.append(np.asarray(fn(variables, _pad_rows(tokens[start:stop], min(bs, len(tokens)))),
                                 np.float32)[:stop - start])
     out = np.concatenate(parts)
-    return _l2(out) if normalize else out
+    return normalize_rows(out) if normalize else out
