@@ -11,3 +11,14 @@ def get_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def override(config, overrides: dict):
+  """Sets dotted keys (``{"optimizer.lr": 0.1}``) on ``config``; returns it."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

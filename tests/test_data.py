@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vlm_jax.data import config as data_config
+from recipes import override
 from vlm_jax.data import pipeline, shapes, tokenizers
 
 
@@ -20,13 +21,7 @@ def _config(**overrides):
     c.data.num_threads = 2
     c.data.prefetch_buffer_size = 16
     c.tokenizer.max_len = 32
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return override(c, overrides)
 
 
 def _take(it, n):

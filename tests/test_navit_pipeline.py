@@ -12,12 +12,7 @@ from vlm_jax.data import navit_pipeline, tokenizers
 def _config(**navit):
     c = recipes.get_config("navit_b16", "runlocal")
     c.batch_size = 4
-    for k, v in navit.items():
-        node = c.navit
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    recipes.override(c.navit, navit)
     return c
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from recipes import get_config
+from recipes import get_config, override
 from vlm_jax import losses, models, optim, parallel, train
 from vlm_jax.data import pipeline
 
@@ -35,13 +35,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
   c.data.num_threads = 0
   c.data.shapes.train_size = 1000
   c.optimizer.warmup_steps = 0
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return override(c, overrides)
 
 
 def _mesh(shape=(1, 1, 1), axis_types="auto"):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes import ROOT, get_config
+from recipes import ROOT, get_config, override
 from vlm_jax import checkpoint, config_util, models, optim, parallel, train
 from vlm_jax.data import pipeline
 
@@ -20,13 +20,7 @@ from vlm_jax.data import pipeline
 def _tiny(**overrides):
   c = get_config("siglip_shapes", "runlocal")
   c.data.num_threads = 0
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, overrides)
 
 
 def _env():
