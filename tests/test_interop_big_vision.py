@@ -92,23 +92,90 @@ def test_scanned_layers_without_prefix_load_the_same(siglip, tmp_path):
     assert_same_params(variables["params"], params)
 
 
-def test_other_resolution_resamples_posemb_and_matches_runtime_resize(siglip, tmp_path):
+def corner_aligned_linear(grid, new_hw):
+    """The formula of scipy.ndimage.zoom(order=1), written out: output cell i of n samples
+    input coordinate i * (m - 1) / (n - 1) of m, linearly between its two neighbours."""
+    def axis_weights(m, n):
+        w = np.zeros((n, m))
+        for i in range(n):
+            x = i * (m - 1) / (n - 1) if n > 1 else 0.0
+            lo = min(int(np.floor(x)), m - 1)
+            hi = min(lo + 1, m - 1)
+            w[i, lo] += 1 - (x - lo)
+            w[i, hi] += x - lo
+        return w
+    wh = axis_weights(grid.shape[0], new_hw[0])
+    ww = axis_weights(grid.shape[1], new_hw[1])
+    return np.einsum("ih,jw,hwd->ijd", wh, ww, np.asarray(grid, np.float64))
+
+
+def test_other_resolution_resamples_posemb_as_big_vision_does(siglip, tmp_path):
+    """big_vision's loader zooms the posemb grid with scipy (order 1, corners aligned)."""
     model, params = siglip
     path = tmp_path / "siglip.npz"
     np.savez(path, **big_vision_keys(params))
-    hi, variables = big_vision.load_npz(str(path), {"image": {"image_size": 48}})
-    pe = variables["params"]["img"]["pos_embedding"]
-    assert pe.shape == (1, 36, 32) and hi.image.image_size == 48
-    # Bilinear over the 2-D grid: corners of a 4x4 -> 6x6 upsampling stay close to the
-    # originals, and the result is what the 32px model itself does at 48px.
-    np.testing.assert_allclose(pe, layers.resize_posemb(params["img"]["pos_embedding"], (4, 4), (6, 6)),
-                               rtol=1e-6, atol=1e-6)
-    grid = np.asarray(pe).reshape(6, 6, 32)
-    assert not np.allclose(grid[0, 0], grid[0, 1])
+    stored = np.asarray(params["img"]["pos_embedding"]).reshape(4, 4, 32)
+    for size, grid in ((48, (6, 6)), (56, (7, 7)), (24, (3, 3))):
+        hi, variables = big_vision.load_npz(str(path), {"image": {"image_size": size}})
+        pe = np.asarray(variables["params"]["img"]["pos_embedding"])
+        assert pe.shape == (1, grid[0] * grid[1], 32) and hi.image.image_size == size
+        golden = corner_aligned_linear(stored, grid).reshape(1, -1, 32)
+        np.testing.assert_allclose(pe, golden, rtol=1e-5, atol=1e-6)
+        # Corner cells are kept exactly (half-pixel resizing would move them).
+        g = pe.reshape(*grid, 32)
+        np.testing.assert_allclose(g[0, 0], stored[0, 0], rtol=1e-6)
+        np.testing.assert_allclose(g[-1, -1], stored[-1, -1], rtol=1e-6)
+    # The run-time resize (half-pixel centres) is a different convention.
+    runtime = layers.resize_posemb(params["img"]["pos_embedding"], (4, 4), (6, 6))
+    _, variables = big_vision.load_npz(str(path), {"image": {"image_size": 48}})
+    assert not np.allclose(variables["params"]["img"]["pos_embedding"], runtime, atol=1e-3)
     x = images(48)
-    ours = jax.jit(hi.apply, static_argnames="method")(variables, x, method="encode_image")
-    ref = jax.jit(model.apply, static_argnames="method")({"params": params}, x, method="encode_image")
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    hi, variables = big_vision.load_npz(str(path), {"image": {"image_size": 48}})
+    out = jax.jit(hi.apply, static_argnames="method")(variables, x, method="encode_image")
+    assert np.all(np.isfinite(out)) and out.shape == (B, 32)
+
+
+def test_non_square_resample_follows_each_axis(siglip, tmp_path):
+    _, params = siglip
+    path = tmp_path / "siglip.npz"
+    np.savez(path, **big_vision_keys(params))
+    _, variables = big_vision.load_npz(str(path), {"image": {"image_size": (40, 24)}})
+    stored = np.asarray(params["img"]["pos_embedding"]).reshape(4, 4, 32)
+    np.testing.assert_allclose(variables["params"]["img"]["pos_embedding"],
+                               corner_aligned_linear(stored, (5, 3)).reshape(1, 15, 32),
+                               rtol=1e-5, atol=1e-6)
+
+
+def sincos_params(patch):
+    cfg = tiny_config()
+    cfg.image.update(posemb="sincos2d", patch_size=patch, image_size=patch * 4)
+    model = M.build(cfg)
+    abstract = M.abstract_variables(model, ml_collections.ConfigDict({"model": cfg}))
+    rs = np.random.RandomState(1)
+    return model, jax.tree.map(lambda a: rs.normal(0, 0.2, a.shape).astype(np.float32),
+                               abstract)["params"]
+
+
+def test_sincos_checkpoint_with_patch_not_dividing_224_loads_without_override(tmp_path):
+    model, params = sincos_params(6)
+    path = tmp_path / "sincos.npz"
+    np.savez(path, **big_vision_keys(params))
+    loaded, variables = big_vision.load_npz(str(path))
+    assert loaded.image.posemb == "sincos2d" and loaded.image.patch_size == 6
+    assert loaded.image.image_size % 6 == 0 and abs(loaded.image.image_size - 224) <= 3
+    x = images(24)  # any multiple of the patch works: sincos2d follows the input grid
+    ours = jax.jit(loaded.apply, static_argnames="method")(variables, x, method="encode_image")
+    ref = jax.jit(model.apply, static_argnames="method")({"params": params}, x,
+                                                         method="encode_image")
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_image_size_that_the_patch_does_not_divide_names_the_override(tmp_path):
+    _, params = sincos_params(6)
+    path = tmp_path / "sincos.npz"
+    np.savez(path, **big_vision_keys(params))
+    with pytest.raises(ValueError, match="image_size"):
+        big_vision.load_npz(str(path), {"image": {"image_size": 224}})
 
 
 def test_shorter_text_max_len_truncates_text_posemb(siglip, tmp_path):

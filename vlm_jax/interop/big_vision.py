@@ -15,7 +15,12 @@ The model config is inferred from the tensor shapes (widths, depths, MLP dims,
 heads, patch size, image size, pooling, heads/biases); big_vision's defaults
 fill the rest (tanh-GELU, LayerNorm eps 1e-6, last-token text pooling). Pass
 ``config`` to override any field; a different image size resamples the learned
-2-D position embedding bilinearly (the same resize the ViT applies at run time).
+2-D position embedding the way big_vision's own loader does
+(``resample_posemb``: ``scipy.ndimage.zoom(order=1)``, corner-aligned linear
+interpolation), so a checkpoint loaded at 384 px here equals the one big_vision
+fine-tunes from. Checkpoints with sincos2d position embeddings store no
+posemb; their image size is inferred as the multiple of the patch size nearest
+224 (only init's dummy images use it: sincos2d is computed for every input grid).
 """
 
 from __future__ import annotations
@@ -31,10 +36,9 @@ import numpy as np
 
 from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, check_against, flatten, unflatten
-from vlm_jax.models import layers
 from vlm_jax.models.two_tower import TwoTower
 
-__all__ = ["load_npz", "read_npz", "infer_config"]
+__all__ = ["load_npz", "read_npz", "infer_config", "resample_posemb"]
 
 _SCANNED = re.compile(r"^(.*)/encoderblock/(.*)$")
 _BLOCK = re.compile(r"^(img|txt)/Transformer/encoderblock_(\d+)/")
@@ -72,6 +76,32 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def resample_posemb(posemb: np.ndarray, old_hw: tuple[int, int],
+                    new_hw: tuple[int, int]) -> np.ndarray:
+    """A learned posemb [1, gh*gw, D] on grid ``old_hw`` resampled to ``new_hw``, as big_vision.
+
+    big_vision's checkpoint loader (``models/vit.py``, ``resample_posemb``) zooms the
+    grid with ``scipy.ndimage.zoom(order=1)``: linear interpolation with the grid's
+    corner cells kept exactly (output cell i samples input coordinate
+    i * (old - 1) / (new - 1)). The ViT's run-time resize (``layers.resize_posemb``,
+    ``jax.image.resize``) uses half-pixel centres instead; the two differ by up to
+    ~15% of the posemb's scale, so imports use this one to equal big_vision.
+    """
+    import scipy.ndimage  # pylint: disable=import-outside-toplevel  (jax depends on scipy)
+
+    (oh, ow), (nh, nw) = tuple(old_hw), tuple(new_hw)
+    d = posemb.shape[-1]
+    if posemb.shape[-2] != oh * ow:
+        raise ValueError(f"posemb has {posemb.shape[-2]} positions, not the {oh}x{ow} grid")
+    if (oh, ow) == (nh, nw):
+        return np.asarray(posemb)
+    grid = np.asarray(posemb, np.float32).reshape(oh, ow, d)
+    grid = scipy.ndimage.zoom(grid, (nh / oh, nw / ow, 1), order=1)
+    if grid.shape[:2] != (nh, nw):  # zoom rounds the output shape
+        raise AssertionError(f"zoom gave grid {grid.shape[:2]}, expected {(nh, nw)}")
+    return grid.reshape(1, nh * nw, d)
+
+
 def _need(flat, key, source):
     if key not in flat:
         raise CheckpointMismatchError(f"{source} (inferring the model config)", missing=[key])
@@ -104,7 +134,11 @@ def infer_config(flat: Mapping[str, np.ndarray], source: str = "checkpoint") -> 
                              "pass config={'image': {'image_size': ...}} for the stored grid")
         img.update(posemb="learn", image_size=g * ph if ph == pw else (g * ph, g * pw))
     else:
+        # No stored posemb: any multiple of the patch size fits; take the one nearest
+        # 224 (the size of init's dummy images; sincos2d follows every input's grid).
         img["posemb"] = "sincos2d"
+        img["image_size"] = (max(1, round(224 / ph)) * ph if ph == pw else
+                             (max(1, round(224 / ph)) * ph, max(1, round(224 / pw)) * pw))
     img["pool_type"] = ("map" if "img/MAPHead_0/probe" in flat else
                         "tok" if "img/cls" in flat else "gap")
     img["head"] = "img/head/kernel" in flat
@@ -150,6 +184,11 @@ def load_npz(path: str, config: Mapping | ml_collections.ConfigDict | None = Non
             config = config.to_dict()
         cfg = _overlay(cfg, config)
     model = models.build(cfg)
+    try:
+        model.image.grid_size  # pylint: disable=pointless-statement  (checks image_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}. Pass config={{'image': {{'image_size': N}}}} with N a "
+                         f"multiple of the patch size {model.image.patch_size}") from None
     recipe = ml_collections.ConfigDict({"model": cfg})
     abstract = models.abstract_variables(model, recipe)["params"]
     expected = {k: tuple(a.shape) for k, a in flatten(abstract).items()}
@@ -158,8 +197,7 @@ def load_npz(path: str, config: Mapping | ml_collections.ConfigDict | None = Non
     if pe is not None and want is not None and pe.shape != want and pe.shape[-1] == want[-1]:
         g = math.isqrt(pe.shape[1])
         if g * g == pe.shape[1]:
-            flat["img/pos_embedding"] = np.asarray(
-                layers.resize_posemb(jnp.asarray(pe), (g, g), model.image.grid_size))
+            flat["img/pos_embedding"] = resample_posemb(pe, (g, g), model.image.grid_size)
     pe, want = flat.get("txt/pos_embedding"), expected.get("txt/pos_embedding")
     if pe is not None and want is not None and pe.shape[1] > want[1] and pe.shape[2] == want[2]:
         flat["txt/pos_embedding"] = pe[:, :want[1]]
