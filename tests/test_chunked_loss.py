@@ -120,6 +120,21 @@ def test_gathered_softmax_equals_open_clip_in_jit(shape, names, batch_axes, axis
         assert _rel_err(g, r) < 1e-4
 
 
+@pytest.mark.parametrize("impl", ["chunked", "gather"])
+def test_sharded_sigmoid_gradients_follow_the_outer_function(impl):
+    # The loss computes its gradients in its forward pass; the backward must scale
+    # them by whatever cotangent arrives (here d sin(3 L) / dL), not assume 1.
+    mesh = jax.make_mesh((8,), ("data",))
+    fn = losses.get_loss_fn("sigmoid", impl, mesh=mesh, batch_axes=("data",))
+    inputs, shardings = _sharded_inputs(mesh, ("data",))
+    outer = lambda f: lambda x, y, t, b: jnp.sin(3.0 * f(x, y, t, b))  # noqa: E731
+    grads = jax.jit(jax.grad(outer(fn), argnums=(0, 1, 2, 3)), in_shardings=shardings)(*inputs)
+    x, y = _features()
+    ref = jax.grad(outer(losses.sigmoid_loss), argnums=(0, 1, 2, 3))(x, y, T, BIAS)
+    for name, g, r in zip(("zimg", "ztxt", "t", "b"), grads, ref):
+        assert _rel_err(g, r) < 1e-5, name
+
+
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda a: a.name)
 def test_chunked_loss_accepts_inputs_laid_out_differently(axis_type):
     # A train step may hand over embeddings replicated or sharded on other axes.
@@ -147,17 +162,34 @@ def test_chunked_loss_never_gathers_the_batch():
     assert "all-gather" not in hlo
 
 
-def test_chunked_loss_uses_less_temp_memory_than_gathered():
-    batch, width = 1024, 64
-    mesh = jax.make_mesh((8,), ("data",))
+def _temp_bytes(impl, batch, width, masked=False):
+    """Per-device temp memory of jit(value_and_grad) of a sigmoid loss on 8 devices."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     emb = jax.ShapeDtypeStruct((batch, width), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-    temp = {}
-    for name, fn in (("chunked", losses.chunked_sigmoid_loss), ("gather", losses.gathered_sigmoid_loss)):
-        loss = lambda x, y, t, b, fn=fn: fn(x, y, t, b, mesh=mesh, batch_axes=("data",))  # noqa: E731
-        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar).compile()
-        temp[name] = compiled.memory_analysis().temp_size_in_bytes
-    assert 0 < temp["chunked"] < temp["gather"] / 2, temp
+    valid = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=NamedSharding(mesh, P("data")))
+    fn = losses.get_loss_fn("sigmoid", impl, mesh=mesh, batch_axes=("data",))
+    args = (emb, emb, scalar, scalar) + ((valid,) if masked else ())
+    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_sharded_losses_use_less_memory_than_the_plain_dense_loss():
+    # The baseline is what a user would run anyway: sigmoid_loss under jit on
+    # batch-sharded inputs, partitioned by GSPMD.
+    temp = {impl: _temp_bytes(impl, 2048, 32) for impl in ("dense", "gather", "chunked")}
+    assert temp["gather"] <= temp["dense"], temp
+    assert 0 < 6 * temp["chunked"] < temp["dense"], temp
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_chunked_loss_holds_one_block_forward_and_backward(masked):
+    # One b x b float32 block (each block's gradient is written over its logits)
+    # plus the [b, D] arrays the ring carries: text chunk, its gradient, image gradient.
+    batch, width = 2048, 32
+    b = batch // 8
+    block, row_chunk = 4 * b * b, 4 * b * width
+    assert _temp_bytes("chunked", batch, width, masked) <= block + 4 * row_chunk
 
 
 def test_chunked_loss_bf16_inputs_give_float32_loss():

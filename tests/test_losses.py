@@ -46,7 +46,7 @@ def _torch_clip(x, y, t):
 def test_sigmoid_loss_value_and_grads_match_open_clip(t, b):
     x, y = _features(0)
     ref_loss, ref_grads = _torch_sigmoid(x, y, t, b)
-    loss, grads = jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3))(
+    loss, grads = jax.jit(jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3)))(
         jnp.asarray(x), jnp.asarray(y), jnp.float32(t), jnp.float32(b)
     )
     assert loss.dtype == jnp.float32
@@ -59,7 +59,7 @@ def test_sigmoid_loss_value_and_grads_match_open_clip(t, b):
 def test_softmax_loss_value_and_grads_match_open_clip(t):
     x, y = _features(1)
     ref_loss, ref_grads = _torch_clip(x, y, t)
-    loss, grads = jax.value_and_grad(losses.softmax_loss, argnums=(0, 1, 2))(
+    loss, grads = jax.jit(jax.value_and_grad(losses.softmax_loss, argnums=(0, 1, 2)))(
         jnp.asarray(x), jnp.asarray(y), jnp.float32(t)
     )
     assert loss.dtype == jnp.float32

@@ -22,7 +22,7 @@ def _data(seed=0):
 
 
 def _grads(fn, x, y):
-    return jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(jnp.asarray(x), jnp.asarray(y), T, BIAS)
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(jnp.asarray(x), jnp.asarray(y), T, BIAS)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "softmax"])

@@ -8,14 +8,22 @@ return a float32 scalar, whatever the input dtype.
 Three implementations of the sigmoid loss give the same value and gradients:
 
 * ``sigmoid_loss``: dense, on whatever arrays it is given (the global batch under
-  ``jax.jit`` and GSPMD). Memory O(B^2).
+  ``jax.jit`` and GSPMD, which keeps two ``b x B`` blocks per device for the
+  forward and backward, b = B / n_devices). Memory O(B^2).
 * ``gathered_sigmoid_loss``: under ``jax.shard_map``; every device all-gathers the
-  text embeddings and computes its own ``b`` rows against all ``B`` columns.
-  Memory O(b * B) per device, b = B / n_devices.
+  text embeddings and computes its own ``b`` rows against all ``B`` columns, one
+  ``b x B`` block. Memory O(b * B) per device, below the dense loss.
 * ``chunked_sigmoid_loss``: under ``jax.shard_map``; every device keeps its own
   images and passes the text chunks around a ring (``jax.lax.ppermute``), one
-  ``b x b`` block at a time. A ``jax.custom_vjp`` reruns the ring in the backward
-  pass, so per-device memory is O(b^2 + b * D) forward and backward.
+  ``b x b`` block at a time. Per-device memory O(b^2 + b * D), forward and backward.
+
+The sharded two share one ``jax.custom_vjp``: under differentiation a single
+pass computes the loss and its gradients, each block's derivative written over
+its own logits, and keeps only the ``[b, D]`` gradients for the backward.
+
+Every softmax path takes the matching-pair logits from the logits matrix it
+normalises, so that dL/dt, a small difference of large sums once the model
+aligns its pairs, keeps float32 precision.
 
 ``get_loss_fn`` picks one of them by name for the train step.
 """
@@ -113,31 +121,41 @@ def _unshard_explicit(y):
     return jax.reshard(y, jax.sharding.NamedSharding(sharding.mesh, P()))
 
 
-def _sigmoid_block(x, y, t, b, positive: bool, vx=None, vy=None) -> jax.Array:
-    """Sum over a block of -log sigmoid(z * (t x.y + b)); float32 inputs.
+def _positives(rows: int, cols: int, offset=0) -> jax.Array:
+    """[rows, cols] bool, True where column == row + offset: the matching pairs.
 
-    vx [bx], vy [by] (float 0/1, optional): only pairs of valid rows and columns count.
+    Built from iotas, so XLA fuses it into the elementwise op that reads it
+    instead of materialising a matrix. An offset >= cols marks no pair.
     """
-    logits = t * (x @ y.T) + b
-    if positive:
-        z = 2.0 * jnp.eye(x.shape[0], y.shape[0], dtype=jnp.float32) - 1.0
-    else:
-        z = -1.0
-    terms = jax.nn.log_sigmoid(z * logits)
-    if vx is not None:
-        terms = terms * (vx[:, None] * vy[None, :])
-    return -jnp.sum(terms)
+    i = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    return j == i + offset
+
+
+def _sigmoid_terms(logits, pos) -> jax.Array:
+    """-log sigmoid(z * logits) elementwise, z = +1 where pos else -1."""
+    return -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
+
+
+def _diagonal(logits, pos) -> jax.Array:
+    """The matching-pair entries of each row of ``logits`` ([rows], float32).
+
+    Taken from the logits themselves, not recomputed as ``t * <x_i, y_i>``:
+    each cross-entropy is a log-sum-exp minus its positive, and dL/dt a
+    difference of nearly equal sums, so both must see the same rounding.
+    """
+    return jnp.sum(jnp.where(pos, logits, 0.0), axis=1)
 
 
 def _check_valid(valid, batch: int) -> jax.Array | None:
-    """valid [B] bool/0-1 -> float32 [B] (None stays None)."""
+    """valid [B] bool (or 0/1) -> float32 0/1 flags [B] (None stays None)."""
     if valid is None:
         return None
     valid = jnp.asarray(valid)
     if valid.shape != (batch,):
         raise ValueError(f"valid must be [B] = [{batch}] (one flag per row), got shape "
                          f"{tuple(valid.shape)}")
-    return valid.astype(jnp.float32)
+    return (valid != 0).astype(jnp.float32)
 
 
 def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t, b, valid=None) -> jax.Array:
@@ -161,12 +179,16 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t, b, valid=None) -> jax.Arra
     """
     batch, _ = _check_pair(zimg, ztxt)
     t, b = _scalar(t, "t"), _scalar(b, "b")
-    x = zimg.astype(jnp.float32)
+    # t scales x before the matmul: reverse mode then gets dL/dt from x and
+    # dL/d(t x) (a [B, D] array) instead of keeping x @ y.T alive for the backward.
+    x = t * zimg.astype(jnp.float32)
     y = _unshard_explicit(ztxt).astype(jnp.float32)
+    terms = _sigmoid_terms(x @ y.T + b, _positives(batch, batch))
     v = _check_valid(valid, batch)
     if v is None:
-        return _sigmoid_block(x, y, t, b, positive=True) / batch
-    return _sigmoid_block(x, y, t, b, True, v, _unshard_explicit(v)) / jnp.maximum(jnp.sum(v), 1.0)
+        return jnp.sum(terms) / batch
+    terms = terms * (v[:, None] * _unshard_explicit(v)[None, :])
+    return jnp.sum(terms) / jnp.maximum(jnp.sum(v), 1.0)
 
 
 def softmax_loss(zimg: jax.Array, ztxt: jax.Array, t, valid=None) -> jax.Array:
@@ -188,9 +210,8 @@ def softmax_loss(zimg: jax.Array, ztxt: jax.Array, t, valid=None) -> jax.Array:
     """
     batch, _ = _check_pair(zimg, ztxt)
     t = _scalar(t, "t")
-    x = zimg.astype(jnp.float32)
-    logits = t * (x @ _unshard_explicit(ztxt).astype(jnp.float32).T)
-    diag = t * jnp.sum(x * ztxt.astype(jnp.float32), axis=1)  # the matching pairs
+    logits = t * (zimg.astype(jnp.float32) @ _unshard_explicit(ztxt).astype(jnp.float32).T)
+    diag = _diagonal(logits, _positives(batch, batch))  # logits[i, i], as both softmaxes see it
     v = _check_valid(valid, batch)
     if v is None:
         i2t = jax.nn.logsumexp(logits, axis=1) - diag
@@ -240,51 +261,203 @@ def _prepare(zimg, ztxt, t, b, mesh, batch_axes):
     return axes, n, batch, zimg, ztxt, t, b
 
 
+def _block_loss(x, y, t, b, pos, w=None) -> jax.Array:
+    """Sum over one block of -log sigmoid(z * (t x.y + b)), float32.
+
+    x [bx, D], y [by, D] (any float dtype); pos [bx, by] bool marks the
+    matching pairs (z = +1); w [bx, by] optional 0/1 pair flags.
+    """
+    logits = t * jnp.matmul(x, y.T, preferred_element_type=jnp.float32) + b
+    terms = _sigmoid_terms(logits, pos)
+    if w is not None:
+        terms = terms * w
+    return jnp.sum(terms)
+
+
+def _block_value_and_grads(x, y, t, b, pos, w=None):
+    """One block's loss sum and the pieces of its gradient, float32.
+
+    With ``logits = t * x @ y.T + b`` and ``dl`` the derivative of the block's
+    sum wrt the logits, returns ``(sum, dl @ y [bx, D], dl.T @ x [by, D], sum(dl))``.
+    The gradients follow: d/dx = t * (dl @ y), d/dy = t * (dl.T @ x),
+    d/db = sum(dl) and d/dt = sum(dl * x @ y.T) = sum(x * (dl @ y)), so nothing
+    of size bx * by outlives ``dl``, and logits, terms and ``dl`` are written
+    one over the other: one block buffer. ``w`` [bx, by]: optional 0/1 pair flags.
+    """
+    logits = t * jnp.matmul(x, y.T, preferred_element_type=jnp.float32) + b
+    terms = _sigmoid_terms(logits, pos)  # softplus(-u), u = z * logits
+    if w is not None:
+        terms = terms * w
+    loss = jnp.sum(terms)
+    # dl is computed from the terms, not from the logits, so logits, terms and
+    # dl can share one buffer: 1 - exp(-softplus(-u)) = sigmoid(-u) = -d terms/du,
+    # to float32 rounding for every u (expm1 keeps it exact where it is tiny), and
+    # 0 where w = 0. Adding 0 * loss orders the sum before dl overwrites the terms
+    # (XLA's CPU pipeline drops an optimization_barrier).
+    s = -jnp.expm1(-(terms + 0.0 * loss))
+    dl = jnp.where(pos, -s, s)
+    h = dl @ y.astype(jnp.float32)
+    k = dl.T @ x.astype(jnp.float32)
+    return loss, h, k, jnp.sum(dl)
+
+
+def _count(v, batch: int, axes) -> jax.Array:
+    """What the loss sum is divided by: B, or the number of valid rows (>= 1)."""
+    if v is None:
+        return jnp.float32(batch)
+    return jnp.maximum(jax.lax.psum(jnp.sum(v), axes), 1.0)
+
+
+def _ring_perm(n: int) -> list[tuple[int, int]]:
+    # Device k sends to k + 1, so after s steps device k holds the chunk of k - s.
+    # Indices are linear over the batch axes in the order given, the same order
+    # in which P(batch_axes) lays out the batch, so chunk k is rows [k*b, (k+1)*b).
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _ring_local(x, y, t, b, v, *, axes, n: int, grads: bool):
+    """Per-device body of the ring-chunked sigmoid loss (under shard_map).
+
+    Device k holds images x_k, texts y_k and flags v_k [b] (or v None). The text
+    chunk (with its flags and, with ``grads``, the gradient accumulated for it)
+    hops around the ring; every step adds one b x b block. Positives lie only
+    in the block of step 0 (the device's own texts). Returns the loss, and with
+    ``grads`` also (d/dzimg, d/dztxt, d/dt, d/db) of it for the local chunks.
+    """
+    nb = x.shape[0]
+    perm = _ring_perm(n)
+    travelling = ("y", "vy", "gy")
+
+    def zeros(shape):  # accumulators differ per device: mark them varying over the axes
+        return jax.lax.pcast(jnp.zeros(shape, jnp.float32), axes, to="varying")
+
+    carry = {"y": y, "loss": zeros(())}
+    if v is not None:
+        carry["vy"] = v
+    if grads:
+        carry["gx"] = zeros(x.shape)  # sum of dl @ y over the blocks
+        carry["gy"] = zeros(y.shape)  # sum of dl.T @ x, travels with y
+        carry["gb"] = zeros(())
+
+    def update(step, carry):
+        carry = dict(carry)
+        # An offset of nb marks no pair: only step 0 holds this device's own texts.
+        pos = _positives(nb, nb, jnp.where(step == 0, 0, nb))
+        w = None if v is None else v[:, None] * carry["vy"][None, :]
+        if grads:
+            loss, h, k, sdl = _block_value_and_grads(x, carry["y"], t, b, pos, w)
+            carry["gx"] = carry["gx"] + h
+            carry["gy"] = carry["gy"] + k
+            carry["gb"] = carry["gb"] + sdl
+        else:
+            loss = _block_loss(x, carry["y"], t, b, pos, w)
+        carry["loss"] = carry["loss"] + loss
+        return carry
+
+    def hop(carry):
+        return {key: jax.lax.ppermute(a, axes, perm) if key in travelling else a
+                for key, a in carry.items()}
+
+    if n > 1:
+        carry = jax.lax.fori_loop(0, n - 1, lambda step, c: hop(update(step, c)), carry)
+    carry = update(n - 1, carry)  # the last chunk needs no hop onwards
+    count = _count(v, nb * n, axes)
+    loss = jax.lax.psum(carry["loss"], axes) / count
+    if not grads:
+        return loss
+    gy = carry["gy"] if n == 1 else jax.lax.ppermute(carry["gy"], axes, perm)  # home
+    gt = jax.lax.psum(jnp.sum(x.astype(jnp.float32) * carry["gx"]), axes) / count
+    gb = jax.lax.psum(carry["gb"], axes) / count
+    return loss, t * carry["gx"] / count, t * gy / count, gt, gb
+
+
+def _gather_local(x, y, t, b, v, *, axes, n: int, grads: bool):
+    """Per-device body of the all-gather sigmoid loss: b rows against all B texts."""
+    nb = x.shape[0]
+    y_all = jax.lax.all_gather(y, axes, tiled=True)
+    pos = _positives(nb, nb * n, jax.lax.axis_index(axes) * nb)
+    w = None
+    if v is not None:
+        w = v[:, None] * jax.lax.all_gather(v, axes, tiled=True)[None, :]
+    count = _count(v, nb * n, axes)
+    if not grads:
+        return jax.lax.psum(_block_loss(x, y_all, t, b, pos, w), axes) / count
+    loss, h, k, sdl = _block_value_and_grads(x, y_all, t, b, pos, w)
+    gy = jax.lax.psum_scatter(k, axes, scatter_dimension=0, tiled=True)
+    gt = jax.lax.psum(jnp.sum(x.astype(jnp.float32) * h), axes) / count
+    return (jax.lax.psum(loss, axes) / count, t * h / count, t * gy / count, gt,
+            jax.lax.psum(sdl, axes) / count)
+
+
+_LOCAL = {"chunked": _ring_local, "gather": _gather_local}
+
+
+@functools.lru_cache(maxsize=64)
+def _make_sharded_sigmoid(impl: str, mesh, axes: tuple[str, ...], n: int, masked: bool,
+                          x_dtype, y_dtype):
+    """``loss(zimg, ztxt, t, b[, v])`` for batch-sharded inputs, with a custom VJP.
+
+    Under differentiation one pass computes the loss and all its gradients
+    (the derivative of each block comes from the same elementwise pass as its
+    value); the residuals are those gradients, [b, D] per device, so neither
+    the embeddings nor any block is kept for the backward, which only scales
+    them by the incoming cotangent. Without differentiation only the loss is
+    computed. ``v`` [B] float 0/1: validity flags; they get a zero cotangent.
+    """
+    local = _LOCAL[impl]
+    spec = P(axes, None)
+    in_specs = (spec, spec, P(), P()) + ((P(axes),) if masked else ())
+
+    def body(grads):
+        def fn(x, y, t, b, *v):
+            return local(x, y, t, b, v[0] if v else None, axes=axes, n=n, grads=grads)
+        return fn
+
+    value_sm = _shard_map(body(False), mesh, in_specs, P())
+    grads_sm = _shard_map(body(True), mesh, in_specs, (P(), spec, spec, P(), P()))
+
+    @jax.custom_vjp
+    def loss(*args):
+        return value_sm(*args)
+
+    def loss_fwd(*args):
+        value, gx, gy, gt, gb = grads_sm(*args)
+        return value, (gx, gy, gt, gb, args[4:])
+
+    def loss_bwd(res, g):
+        gx, gy, gt, gb, v = res
+        g = jnp.asarray(g, jnp.float32)
+        return ((g * gx).astype(x_dtype), (g * gy).astype(y_dtype), g * gt, g * gb,
+                *(jnp.zeros_like(a) for a in v))
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss
+
+
+def _sharded_sigmoid(impl, zimg, ztxt, t, b, mesh, batch_axes, valid):
+    axes, n, batch, zimg, ztxt, t, b = _prepare(zimg, ztxt, t, b, mesh, batch_axes)
+    masked = valid is not None
+    fn = _make_sharded_sigmoid(impl, mesh, axes, n, masked, zimg.dtype, ztxt.dtype)
+    if masked:
+        return fn(zimg, ztxt, t, b, _place(_check_valid(valid, batch), mesh, P(axes)))
+    return fn(zimg, ztxt, t, b)
+
+
 def gathered_sigmoid_loss(
     zimg: jax.Array, ztxt: jax.Array, t, b, *, mesh, batch_axes: Sequence[str] = ("data",),
     valid=None,
 ) -> jax.Array:
     """Sigmoid loss with the text embeddings all-gathered over the batch axes.
 
-    Each device computes its ``b`` image rows against all ``B`` texts (a
-    ``b x B`` logits block), then the partial sums are ``psum``-ed. Same value
-    and gradients as :func:`sigmoid_loss`; per-device memory O(b * B). Kept as
-    the baseline that :func:`chunked_sigmoid_loss` is measured against.
+    Each device computes its ``b`` image rows against all ``B`` texts (one
+    ``b x B`` block); the text gradients are reduce-scattered back. Same value
+    and gradients as :func:`sigmoid_loss`. Per-device memory O(b * B + B * D):
+    one ``b x B`` block where the dense loss under GSPMD keeps two.
 
     Args: as :func:`chunked_sigmoid_loss`.
     Returns: float32 scalar (replicated).
     """
-    axes, _, batch, zimg, ztxt, t, b = _prepare(zimg, ztxt, t, b, mesh, batch_axes)
-    if valid is not None:
-        v = _place(_check_valid(valid, batch), mesh, P(axes))
-
-        def local_masked(x, y, vx, t, b):
-            y_all = jax.lax.all_gather(y, axes, tiled=True).astype(jnp.float32)
-            v_all = jax.lax.all_gather(vx, axes, tiled=True)
-            nb = x.shape[0]
-            logits = t * (x.astype(jnp.float32) @ y_all.T) + b
-            rows = jax.lax.axis_index(axes) * nb + jnp.arange(nb)
-            z = jnp.where(rows[:, None] == jnp.arange(batch)[None, :], 1.0, -1.0)
-            w = vx[:, None] * v_all[None, :]
-            part = -jnp.sum(w * jax.nn.log_sigmoid(z * logits))
-            return jax.lax.psum(part, axes) / jnp.maximum(jax.lax.psum(jnp.sum(vx), axes), 1.0)
-
-        spec = P(axes, None)
-        return _shard_map(local_masked, mesh, (spec, spec, P(axes), P(), P()), P())(
-            zimg, ztxt, v, t, b)
-
-    def local(x, y, t, b):
-        x = x.astype(jnp.float32)
-        y_all = jax.lax.all_gather(y, axes, tiled=True).astype(jnp.float32)
-        nb = x.shape[0]
-        logits = t * (x @ y_all.T) + b
-        rows = jax.lax.axis_index(axes) * nb + jnp.arange(nb)
-        z = jnp.where(rows[:, None] == jnp.arange(batch)[None, :], 1.0, -1.0)
-        part = -jnp.sum(jax.nn.log_sigmoid(z * logits)) / batch
-        return jax.lax.psum(part, axes)
-
-    spec = P(axes, None)
-    return _shard_map(local, mesh, (spec, spec, P(), P()), P())(zimg, ztxt, t, b)
+    return _sharded_sigmoid("gather", zimg, ztxt, t, b, mesh, batch_axes, valid)
 
 
 def gathered_softmax_loss(
@@ -311,9 +484,14 @@ def gathered_softmax_loss(
         y = y.astype(jnp.float32)
         x_all = jax.lax.all_gather(x, axes, tiled=True)
         y_all = jax.lax.all_gather(y, axes, tiled=True)
-        pos = t * jnp.sum(x * y, axis=1)
-        i2t = jax.nn.logsumexp(t * (x @ y_all.T), axis=1) - pos
-        t2i = jax.nn.logsumexp(t * (y @ x_all.T), axis=1) - pos
+        nb = x.shape[0]
+        # This device's rows are rows k*nb.. of the global batch: their positives
+        # are those columns of the local logits, not a separate <x_i, y_i>.
+        pos = _positives(nb, batch, jax.lax.axis_index(axes) * nb)
+        i2t_logits = t * (x @ y_all.T)
+        t2i_logits = t * (y @ x_all.T)
+        i2t = jax.nn.logsumexp(i2t_logits, axis=1) - _diagonal(i2t_logits, pos)
+        t2i = jax.nn.logsumexp(t2i_logits, axis=1) - _diagonal(t2i_logits, pos)
         part = 0.5 * (jnp.sum(i2t) + jnp.sum(t2i)) / batch
         return jax.lax.psum(part, axes)
 
@@ -322,152 +500,6 @@ def gathered_softmax_loss(
 
 
 # --------------------------------------------------------------------------- chunked
-
-
-def _ring_perm(n: int) -> list[tuple[int, int]]:
-    # Device k sends to k + 1, so after s steps device k holds the chunk of k - s.
-    # Indices are linear over the batch axes in the order given, the same order
-    # in which P(batch_axes) lays out the batch, so chunk k is rows [k*b, (k+1)*b).
-    return [(i, (i + 1) % n) for i in range(n)]
-
-
-def _block_grads(x, y, t, b, g, positive: bool, vx=None, vy=None):
-    """Cotangents of one block's loss sum, scaled by g (float32); vx/vy weight rows/cols."""
-    dots = x @ y.T
-    logits = t * dots + b
-    if positive:
-        z = 2.0 * jnp.eye(x.shape[0], y.shape[0], dtype=jnp.float32) - 1.0
-    else:
-        z = -1.0
-    # d/dlogits of -log sigmoid(z * logits) = -z * sigmoid(-z * logits)
-    dlogits = (-z * jax.nn.sigmoid(-z * logits)) * g
-    if vx is not None:
-        dlogits = dlogits * (vx[:, None] * vy[None, :])
-    gx = t * (dlogits @ y)
-    gy = t * (dlogits.T @ x)
-    gt = jnp.sum(dlogits * dots)
-    gb = jnp.sum(dlogits)
-    return gx, gy, gt, gb
-
-
-@functools.lru_cache(maxsize=64)
-def _make_chunked(mesh, axes: tuple[str, ...], n: int, batch: int):
-    spec = P(axes, None)
-    perm = _ring_perm(n)
-    shift = lambda v: jax.lax.ppermute(v, axes, perm)  # noqa: E731
-
-    def fwd_local(x, y, t, b):
-        xf = x.astype(jnp.float32)
-        total = _sigmoid_block(xf, y.astype(jnp.float32), t, b, positive=True)
-
-        def step(_, carry):
-            y, total = carry
-            y = shift(y)
-            total = total + _sigmoid_block(xf, y.astype(jnp.float32), t, b, positive=False)
-            return y, total
-
-        if n > 1:
-            _, total = jax.lax.fori_loop(1, n, step, (y, total))
-        return jax.lax.psum(total / batch, axes)
-
-    def bwd_local(x, y, t, b, g):
-        xf = x.astype(jnp.float32)
-        g = g / batch
-        gx, gy, gt, gb = _block_grads(xf, y.astype(jnp.float32), t, b, g, positive=True)
-
-        def step(_, carry):
-            y, gy, gx, gt, gb = carry
-            # The text chunk travels with the gradient accumulated for it so far.
-            y, gy = shift(y), shift(gy)
-            dx, dy, dt, db = _block_grads(xf, y.astype(jnp.float32), t, b, g, positive=False)
-            return y, gy + dy, gx + dx, gt + dt, gb + db
-
-        if n > 1:
-            _, gy, gx, gt, gb = jax.lax.fori_loop(1, n, step, (y, gy, gx, gt, gb))
-            gy = shift(gy)  # one more hop brings each chunk's gradient home
-        gt = jax.lax.psum(gt, axes)
-        gb = jax.lax.psum(gb, axes)
-        return gx.astype(x.dtype), gy.astype(y.dtype), gt, gb
-
-    fwd_sm = _shard_map(fwd_local, mesh, (spec, spec, P(), P()), P())
-    bwd_sm = _shard_map(bwd_local, mesh, (spec, spec, P(), P(), P()), (spec, spec, P(), P()))
-
-    @jax.custom_vjp
-    def loss(zimg, ztxt, t, b):
-        return fwd_sm(zimg, ztxt, t, b)
-
-    def loss_fwd(zimg, ztxt, t, b):
-        return fwd_sm(zimg, ztxt, t, b), (zimg, ztxt, t, b)
-
-    def loss_bwd(res, g):
-        zimg, ztxt, t, b = res
-        return bwd_sm(zimg, ztxt, t, b, jnp.asarray(g, jnp.float32))
-
-    loss.defvjp(loss_fwd, loss_bwd)
-    return loss
-
-
-@functools.lru_cache(maxsize=64)
-def _make_chunked_masked(mesh, axes: tuple[str, ...], n: int):
-    """The ring of ``_make_chunked`` with a validity mask ``v`` [B] (float 0/1).
-
-    Each text chunk travels with its validity flags; block sums are weighted by
-    v_i * v_j and the total is divided by the number of valid rows.
-    """
-    spec, vspec = P(axes, None), P(axes)
-    perm = _ring_perm(n)
-    shift = lambda v: jax.lax.ppermute(v, axes, perm)  # noqa: E731
-
-    def count(v):
-        return jnp.maximum(jax.lax.psum(jnp.sum(v), axes), 1.0)
-
-    def fwd_local(x, y, v, t, b):
-        xf = x.astype(jnp.float32)
-        total = _sigmoid_block(xf, y.astype(jnp.float32), t, b, True, v, v)
-
-        def step(_, carry):
-            y, vy, total = carry
-            y, vy = shift(y), shift(vy)
-            return y, vy, total + _sigmoid_block(xf, y.astype(jnp.float32), t, b, False, v, vy)
-
-        if n > 1:
-            _, _, total = jax.lax.fori_loop(1, n, step, (y, v, total))
-        return jax.lax.psum(total, axes) / count(v)
-
-    def bwd_local(x, y, v, t, b, g):
-        xf = x.astype(jnp.float32)
-        g = g / count(v)
-        gx, gy, gt, gb = _block_grads(xf, y.astype(jnp.float32), t, b, g, True, v, v)
-
-        def step(_, carry):
-            y, vy, gy, gx, gt, gb = carry
-            y, vy, gy = shift(y), shift(vy), shift(gy)
-            dx, dy, dt, db = _block_grads(xf, y.astype(jnp.float32), t, b, g, False, v, vy)
-            return y, vy, gy + dy, gx + dx, gt + dt, gb + db
-
-        if n > 1:
-            _, _, gy, gx, gt, gb = jax.lax.fori_loop(1, n, step, (y, v, gy, gx, gt, gb))
-            gy = shift(gy)
-        gt = jax.lax.psum(gt, axes)
-        gb = jax.lax.psum(gb, axes)
-        return gx.astype(x.dtype), gy.astype(y.dtype), jnp.zeros_like(v), gt, gb
-
-    fwd_sm = _shard_map(fwd_local, mesh, (spec, spec, vspec, P(), P()), P())
-    bwd_sm = _shard_map(bwd_local, mesh, (spec, spec, vspec, P(), P(), P()),
-                        (spec, spec, vspec, P(), P()))
-
-    @jax.custom_vjp
-    def loss(zimg, ztxt, v, t, b):
-        return fwd_sm(zimg, ztxt, v, t, b)
-
-    def loss_fwd(zimg, ztxt, v, t, b):
-        return fwd_sm(zimg, ztxt, v, t, b), (zimg, ztxt, v, t, b)
-
-    def loss_bwd(res, g):
-        return bwd_sm(*res, jnp.asarray(g, jnp.float32))
-
-    loss.defvjp(loss_fwd, loss_bwd)
-    return loss
 
 
 def chunked_sigmoid_loss(
@@ -481,10 +513,13 @@ def chunked_sigmoid_loss(
     ``batch_axes`` (n devices, local batch ``b = B / n``), device k computes its
     ``b x b`` block against its own texts (which holds the positives), then
     receives the text chunk of its ring neighbour ``n - 1`` times via
-    ``jax.lax.ppermute``, adding negative-only blocks. The backward pass (a
-    ``jax.custom_vjp``) reruns the ring, passing each text chunk together with
-    its accumulating gradient, which arrives back home after ``n`` hops.
-    Per-device memory: O(b^2 + b * D), forward and backward.
+    ``jax.lax.ppermute``, adding negative-only blocks. Under differentiation
+    (a ``jax.custom_vjp``) the same ring also computes the gradients: each
+    block's derivative comes from the elementwise pass that gives its value,
+    each text chunk travels with the gradient accumulated for it and arrives
+    back home after ``n`` hops, and only the ``[b, D]`` gradients are kept for
+    the backward. Per-device memory: one ``b x b`` float32 block plus a few
+    ``[b, D]`` arrays, forward and backward.
 
     Works inside ``jax.jit`` on meshes with ``AxisType.Explicit`` or ``Auto``
     axes, with extra non-batch axes (the loss is replicated over those). Inputs
@@ -512,11 +547,7 @@ def chunked_sigmoid_loss(
       ValueError: bad shapes, unknown axes, or B not divisible by the number of
         devices along ``batch_axes``.
     """
-    axes, n, batch, zimg, ztxt, t, b = _prepare(zimg, ztxt, t, b, mesh, batch_axes)
-    if valid is not None:
-        v = _place(_check_valid(valid, batch), mesh, P(axes))
-        return _make_chunked_masked(mesh, axes, n)(zimg, ztxt, v, t, b)
-    return _make_chunked(mesh, axes, n, batch)(zimg, ztxt, t, b)
+    return _sharded_sigmoid("chunked", zimg, ztxt, t, b, mesh, batch_axes, valid)
 
 
 # --------------------------------------------------------------------------- dispatch
