@@ -24,6 +24,13 @@ Parameters:
                 projection, whose output dim is "embed")
     "proj"      output dim of a tower's final projection ``head`` (the shared
                 image-text embedding dim)
+    (CNNs)      ResNet / BiT / ConvNeXt (``resnet.py``, ``convnext.py``) reuse the
+                conv names: kernels (None, None, "conv_in", "conv_out"), depthwise
+                kernels (None, None, None, "conv_out"), channel-wise norm scales /
+                biases, conv biases and ConvNeXt's layer_scale ("conv_out",),
+                ConvNeXt's pointwise MLP ("conv_in", "mlp") and ("mlp", "conv_out").
+                BatchNorm running statistics (collection "batch_stats") carry no
+                names: they are small and stay replicated.
     None        replicated: spatial kernel dims, leading singleton dims, scalars
                 such as the two-tower ``t`` and ``b``
 
@@ -272,3 +279,114 @@ def learned_posemb(module: nn.Module, name: str, shape: tuple[int, ...]) -> Arra
     init = nn.initializers.normal(stddev=1.0 / np.sqrt(shape[-1]))
     names = (None,) * (len(shape) - 1) + ("embed",)
     return module.param(name, named_init(init, names), shape, jnp.float32)
+
+
+# ---------------------------------------------------------------- convolutional building blocks
+# Shared by the CNN encoders (resnet.py, convnext.py) and the ViT's hybrid stem.
+
+CONV_KERNEL_NAMES = (None, None, "conv_in", "conv_out")
+
+
+def conv_padding(padding) -> str | list[tuple[int, int]]:
+    """"SAME"/"VALID" pass through; an int p pads p pixels on every side, as torch's Conv2d does.
+
+    torch pads symmetrically; flax's "SAME" pads (0, 1) for even inputs at stride 2,
+    so torch parity needs the explicit form.
+    """
+    if isinstance(padding, str):
+        return padding
+    return [(int(padding), int(padding))] * 2
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, *, padding="SAME",
+         use_bias: bool = False, groups: int = 1, init: Callable | None = None,
+         dtype: Dtype = jnp.float32, name: str | None = None, cls=nn.Conv, **kw) -> nn.Conv:
+    """A square 2-D convolution [B, H, W, Cin] -> [B, H', W', features] with named params.
+
+    kernel [k, k, Cin/groups, features]: (None, None, "conv_in", "conv_out"), or
+    (None, None, None, "conv_out") for grouped / depthwise convolutions;
+    bias [features] ("conv_out",). ``padding``: "SAME", "VALID" or an int (torch-style).
+    ``init`` defaults to lecun normal; ``cls`` may be a subclass such as StdConv.
+    """
+    names = CONV_KERNEL_NAMES if groups == 1 else (None, None, None, "conv_out")
+    return cls(features, (kernel_size, kernel_size), strides=(strides, strides),
+               padding=conv_padding(padding), use_bias=use_bias, feature_group_count=groups,
+               dtype=dtype, param_dtype=jnp.float32,
+               kernel_init=named_init(init or nn.initializers.lecun_normal(), names),
+               bias_init=named_init(nn.initializers.zeros, ("conv_out",)), name=name, **kw)
+
+
+def standardize_kernel(w: Array, eps: float, eps_on_std: bool = False) -> Array:
+    """Weight standardisation of a conv kernel [kh, kw, Cin, Cout] over (kh, kw, Cin) per output.
+
+    (w - mean) / sqrt(var + eps), or (w - mean) / (std + eps) with ``eps_on_std``
+    (the ViT-hybrid / big_vision ``bit.py`` form). Computed in float32.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    w = w - jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(w), axis=(0, 1, 2), keepdims=True)
+    return w / (jnp.sqrt(var) + eps) if eps_on_std else w * jax.lax.rsqrt(var + eps)
+
+
+class StdConv(nn.Conv):
+    """nn.Conv whose kernel is weight-standardised on every use (Qiao et al. 2019; BiT).
+
+    The stored parameter stays raw; only the kernel the convolution sees is
+    standardised, so the optimiser updates the raw weights. ``eps`` and
+    ``eps_on_std``: see ``standardize_kernel``.
+    """
+
+    eps: float = 1e-10
+    eps_on_std: bool = False
+
+    def param(self, name, *args, **kwargs):
+        p = super().param(name, *args, **kwargs)
+        # nn.Conv fetches its kernel through self.param: standardising here keeps
+        # all of nn.Conv's padding / grouping / dtype logic.
+        return standardize_kernel(p, self.eps, self.eps_on_std) if name == "kernel" else p
+
+
+def batch_norm(*, train: bool, momentum: float = 0.9, eps: float = 1e-5, zero_init: bool = False,
+               dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm over [..., C] with named scale/bias ("conv_out",).
+
+    ``momentum`` is flax's (running = momentum * running + (1 - momentum) * batch):
+    0.9 equals torch's momentum=0.1. Batch statistics with ``train`` (update the
+    "batch_stats" collection: apply(..., mutable=["batch_stats"])), running ones
+    otherwise. Under jax.jit on a batch-sharded array the mean is over the global
+    batch. Differs from torch in one detail: the running variance is updated with
+    the biased batch variance (torch uses the unbiased n/(n-1) one).
+    ``zero_init`` starts the scale at 0 (residual branches start as identity).
+    """
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=momentum, epsilon=eps, dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=named_init(nn.initializers.zeros if zero_init else nn.initializers.ones,
+                              ("conv_out",)),
+        bias_init=named_init(nn.initializers.zeros, ("conv_out",)), name=name)
+
+
+def group_norm(groups: int = 32, *, eps: float = 1e-5, zero_init: bool = False,
+               dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm over [B, H, W, C] (``groups`` groups of C/groups channels) with named scale/bias.
+
+    The variance is the two-pass E[(x - mean)^2] (exact, as BiT computes it).
+    """
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=named_init(nn.initializers.zeros if zero_init else nn.initializers.ones,
+                              ("conv_out",)),
+        bias_init=named_init(nn.initializers.zeros, ("conv_out",)), name=name)
+
+
+def channel_layer_norm(*, eps: float = 1e-6, dtype: Dtype = jnp.float32,
+                       name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the channels of [..., C] feature maps, scale/bias named ("conv_out",).
+
+    Two-pass variance, for parity with torch's LayerNorm on large-mean activations.
+    """
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+        scale_init=named_init(nn.initializers.ones, ("conv_out",)),
+        bias_init=named_init(nn.initializers.zeros, ("conv_out",)), name=name)

@@ -99,3 +99,31 @@ class TwoTower(nn.Module):
         out["t"] = jnp.exp(self.t[0])
         out["b"] = self.b[0] if self.bias_init is not None else jnp.zeros((), jnp.float32)
         return zimg, ztxt, out
+
+
+class ProjectedTower(nn.Module):
+    """An image encoder whose pooled features are projected to the shared width.
+
+    For CNN towers (ResNet, ConvNeXt) in a two-tower model (``model.image.head=True``):
+    __call__(images, train=False) -> (x [B, dim], out) with the encoder's ``out`` plus
+    "pre_logits" (its features) and "logits" (the projection). Params:
+    ``encoder/...`` and ``head/{kernel,bias}`` [C, dim] ("embed", "proj").
+    """
+
+    encoder: nn.Module
+    dim: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x, out = self.encoder(images, train=train)
+        if x.ndim != 2:
+            raise ValueError(f"a two-tower image tower must pool to [B, C], got {x.shape}; "
+                             "set model.image.pool_type='gap'")
+        y = nn.Dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
+                     kernel_init=layers.named_init(nn.initializers.lecun_normal(),
+                                                   ("embed", "proj")),
+                     bias_init=layers.named_init(nn.initializers.zeros, ("proj",)),
+                     name="head")(x)
+        return y, dict(out, pre_logits=x, logits=y)

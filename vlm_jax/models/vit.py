@@ -1,6 +1,7 @@
 """Vision Transformer (big_vision layout) with MAP / GAP / CLS pooling.
 
-Params: ``embedding`` (patch conv; after ``stem_conv_{i}`` for the conv stem),
+Params: ``embedding`` (patch conv; after ``stem_conv_{i}`` for the conv stem, or
+after the ResNet stem's ``conv_root``, ``gn_root``, ``block{s}/...`` for stem "resnet"),
 ``pos_embedding`` (learned posemb only), ``cls`` (pool "tok" only), ``pre_norm``
 (CLIP-style LayerNorm before the encoder, off by default),
 ``Transformer/encoderblock_{i}/...``, ``Transformer/encoder_norm``,
@@ -16,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models import layers
+from vlm_jax.models import layers, resnet
 
 # Published widths/depths/MLP dims/heads (Zhai et al. 2021, "Scaling Vision
 # Transformers", Table 2; So400m from Alabdulmohsin et al. 2023, "Getting ViT in
@@ -40,7 +41,7 @@ _VARIANTS = {
 
 POOL_TYPES = ("map", "gap", "tok", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
-STEM_TYPES = ("patch", "conv")
+STEM_TYPES = ("patch", "conv", "resnet")
 
 
 def decode_variant(variant: str | None) -> dict[str, int]:
@@ -78,9 +79,12 @@ class ViT(nn.Module):
       out: "stem" [B, h, w, width] patch grid, "with_posemb" [B, N, width],
          "encoded" [B, N, width] (final-normed patch tokens, CLS dropped),
          "encoder/block{i:02d}" [B, N(+1), width], "pre_logits", "logits" (with head).
-    The token grid is (H, W) / (patch_size * prod(stem_strides)) and must divide
-    exactly. Learned posembs are stored for ``image_size`` and resized bilinearly
-    for other input sizes; sincos2d posembs are computed for the input grid.
+    The token grid is (H, W) / total_stride and must divide exactly.
+    stem "resnet" (hybrid ViT, e.g. R50+B/16: stem_depths (3, 4, 9), patch_size 1)
+    runs BiT-v1 ResNet stages (``resnet.hybrid_stem``, stride 4 * 2**(len - 1))
+    before the patch embedding, which then works on the ResNet's feature map.
+    Learned posembs are stored for ``image_size`` and resized bilinearly for other
+    input sizes; sincos2d posembs are computed for the input grid.
     ``attention_fn`` is passed to every attention layer (see layers.attention).
     """
 
@@ -95,6 +99,7 @@ class ViT(nn.Module):
     stem: str = "patch"
     stem_features: Sequence[int] = (64, 128, 256)
     stem_strides: Sequence[int] = (2, 2, 2)
+    stem_depths: Sequence[int] = (3, 4, 9)
     head: int | None = None
     head_bias: bool = True
     patch_bias: bool = True
@@ -118,9 +123,11 @@ class ViT(nn.Module):
 
     @property
     def total_stride(self) -> tuple[int, int]:
-        """Input pixels per token along (H, W): patch size times the conv-stem strides."""
+        """Input pixels per token along (H, W): patch size times the conv / ResNet stem stride."""
         ph, pw = _pair(self.patch_size)
         s = int(np.prod(self.stem_strides)) if self.stem == "conv" else 1
+        if self.stem == "resnet":
+            s = resnet.hybrid_stem_stride(self.stem_depths)
         return ph * s, pw * s
 
     @property
@@ -152,6 +159,8 @@ class ViT(nn.Module):
                             bias_init=layers.named_init(nn.initializers.zeros, ("conv_out",)),
                             name=f"stem_conv_{i}")(x)
                 x = act(x)
+        elif self.stem == "resnet":
+            x = resnet.hybrid_stem(x, self.stem_depths, dtype=self.dtype)
         p = _pair(self.patch_size)
         x = nn.Conv(self.width, p, strides=p, padding="VALID", use_bias=self.patch_bias,
                     dtype=self.dtype,
