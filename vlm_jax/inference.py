@@ -26,7 +26,7 @@ import numpy as np
 
 from vlm_jax.data import packing, preprocess
 from vlm_jax.data.tokenizers import ByteTokenizer
-from vlm_jax.evaluators.encoder import normalize as normalize_rows
+from vlm_jax.numeric import normalize as normalize_rows
 from vlm_jax.models.navit import NaViT
 
 __all__ = ["encode_images", "encode_texts"]

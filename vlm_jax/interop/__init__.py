@@ -8,6 +8,28 @@
 A checkpoint that does not fit the model built from its config raises
 ``CheckpointMismatchError`` listing missing keys, unexpected keys and shape
 mismatches. Neither module imports torch.
+
+One module per weight format, behind one entry point each:
+
+    hf           transformers SiglipModel / Siglip2Model / CLIPModel directories
+    big_vision   big_vision SigLIP .npz checkpoints
+    torchvision  torchvision ResNet / ConvNeXt state dicts
+    open_clip    open_clip CLIP models (ModifiedResNet and ViT image towers)
+
+Position-embedding resampling: each importer follows the convention of the code
+that produced the weights, so a model loaded at another resolution equals what
+its own ecosystem would compute:
+
+    big_vision   at load, ``scipy.ndimage.zoom(order=1)`` (linear, corners aligned),
+                 as big_vision's loader fine-tunes from (``big_vision.resample_posemb``)
+    hf, SigLIP 2 NaFlex grids: per image at run time, bilinear with antialiasing and
+                 half-pixel centres, = torch ``F.interpolate(antialias=True)`` as
+                 transformers' Siglip2 does (``models/navit.py``)
+    hf, SigLIP / CLIP at another input size: no resampling at load; the ViT resizes
+                 its learned posemb at run time with ``jax.image.resize`` (bilinear,
+                 half-pixel centres). transformers' ``interpolate_pos_encoding``
+                 is bicubic instead, so features there differ slightly by design
+                 (at the stored size they are identical).
 """
 
 from __future__ import annotations
@@ -93,4 +115,13 @@ def check_against(source: str, flat: Mapping[str, np.ndarray], expected: Mapping
 
 from vlm_jax.interop import big_vision, hf  # noqa: E402  (they use the helpers above)
 
-__all__ = ["CheckpointMismatchError", "big_vision", "hf", "flatten", "unflatten", "check_against"]
+__all__ = ["CheckpointMismatchError", "big_vision", "hf", "open_clip", "torchvision", "flatten",
+           "unflatten", "check_against"]
+
+
+def __getattr__(name):
+    # torchvision / open_clip import on first use (``vlm_jax.interop.torchvision.load``).
+    if name in ("torchvision", "open_clip"):
+        import importlib  # pylint: disable=import-outside-toplevel
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,30 @@ key is an error):
     model.image.act            "gelu_tanh"  "gelu_tanh" | "gelu" | "quick_gelu"
     model.image.ln_eps         1e-6
     model.image.remat          False      rematerialise each encoder block
+    model.image.stem_depths    (3, 4, 9)  stem "resnet" (hybrid ViT, R50+B/16): ResNet stages
+  CNN towers (type "resnet" | "bit" | "convnext" | "clip_resnet"; models/resnet.py,
+  convnext.py, clip_resnet.py). They return pooled features; in a two-tower,
+  model.image.head=True projects them to out_dim (clip_resnet's attention pool
+  projects by itself). Every tower's ``out`` holds its per-stage features.
+    model.image.variant        resnet "18|34|50|101|152", bit "50x1|101x3|...",
+                               convnext "tiny|small|base|large",
+                               clip_resnet "RN50|RN101|RN50x4|RN50x16|RN50x64"
+    model.image.stage_depths   None       blocks per stage (None: from the variant)
+    model.image.widths         None       convnext: channels per stage
+    model.image.width          None       clip_resnet: stem width (64 for RN50)
+    model.image.base_width     64         resnet: root / first-stage channels
+    model.image.width_factor   1          resnet: bottleneck width multiplier (wide resnets)
+    model.image.bn_momentum    0.9        BatchNorm running-average momentum (flax's
+                                          convention; torch's 0.1)
+    model.image.bn_eps         1e-5
+    model.image.zero_init_residual True   resnet: last BatchNorm scale of each block = 0
+    model.image.root           "imagenet" resnet: 7x7/2 conv + max-pool | "small": 3x3/1 conv
+                                          (32x32 images)
+    model.image.preact         True       bit: ResNet v2 (BiT paper) | False: v1 (big_vision bit.py)
+    model.image.drop_path      0.0        convnext: stochastic depth rate of the last block
+    model.image.layer_scale_init 1e-6     convnext: layer scale init
+    model.image.pool_type      resnet, bit, convnext: "gap" (also for the ViT default "map")
+                               | "none" (the last feature map)
   NaViT / NaFlex only (type "navit" | "naflex"):
     model.image.posemb         "learn" | "sincos" (factorized) | "naflex" (type naflex forces it)
     model.image.posemb_coords  "absolute"  "absolute" | "fractional" (factorized posembs)
@@ -52,6 +76,10 @@ key is an error):
     model.text.act             "gelu_tanh"
     model.text.ln_eps          1e-6
     model.text.remat           False
+    model.num_classes          None       set: an ImageClassifier (image tower + Dense head,
+                                          models/classifier.py) instead of a two-tower; the
+                                          classification task fills it from the data
+    model.head_init            "zeros"    classifier head init: "zeros" | "lecun"
     model.out_dim              None       shared embedding dim D; None -> text width.
                                           The text tower always ends in Dense(D); the
                                           image tower outputs D via its head, or its
@@ -62,6 +90,10 @@ key is an error):
                                           params are always float32
 
 The default is SigLIP B/16 (203,155,970 params, as transformers' SiglipModel()).
+
+``model.init(rng, *init_inputs(config.model))``: images and tokens for a
+two-tower, images only for a classifier. BatchNorm towers add a
+``batch_stats`` collection to the variables.
 """
 
 from __future__ import annotations
@@ -76,7 +108,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlm_jax.models import layers, navit, text, two_tower, vit
+from vlm_jax.models import classifier, layers, navit, text, two_tower, vit
+from vlm_jax.models.classifier import ImageClassifier
 from vlm_jax.models.navit import NaViT
 from vlm_jax.models.text import TextTransformer, decode_text_variant
 from vlm_jax.models.two_tower import TwoTower, l2_normalize
@@ -86,12 +119,13 @@ __all__ = [
     "default_config", "build", "init", "logical_specs", "abstract_variables", "dummy_inputs",
     "count_params", "resolve_config", "ViT", "TextTransformer", "TwoTower", "decode_variant",
     "decode_text_variant", "l2_normalize", "layers", "text", "two_tower", "vit", "navit", "NaViT",
-    "IMAGE_TYPES",
+    "IMAGE_TYPES", "ImageClassifier", "init_inputs", "is_classifier", "as_variables",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
-IMAGE_TYPES = ("vit", "navit", "naflex")
+IMAGE_TYPES = ("vit", "navit", "naflex", "resnet", "bit", "convnext", "clip_resnet")
+CNN_TYPES = ("resnet", "bit", "convnext", "clip_resnet")
 
 
 def _defaults() -> dict:
@@ -102,11 +136,17 @@ def _defaults() -> dict:
             stem_features=(64, 128, 256), stem_strides=(2, 2, 2), head=False, head_bias=True,
             patch_bias=True, pre_norm=False, dropout=0.0, act="gelu_tanh", ln_eps=1e-6,
             remat=False, posemb_coords="absolute", posemb_size=None, attention="reference",
-            seq_len=256, max_images=16),
+            seq_len=256, max_images=16, stem_depths=(3, 4, 9),
+            # CNN towers (type resnet | bit | convnext | clip_resnet); None: from the variant.
+            stage_depths=None, widths=None, base_width=64, width_factor=1, bn_momentum=0.9,
+            bn_eps=1e-5, zero_init_residual=True, root="imagenet", preact=True, drop_path=0.0,
+            layer_scale_init=1e-6),
         text=dict(
             variant="B", width=None, depth=None, mlp_dim=None, num_heads=None,
             vocab_size=32000, max_len=64, pool_type="last", causal=False, head_bias=True,
             dropout=0.0, act="gelu_tanh", ln_eps=1e-6, remat=False),
+        num_classes=None,
+        head_init="zeros",
         out_dim=None,
         temperature_init=10.0,
         bias_init=-10.0,
@@ -159,8 +199,8 @@ def resolve_config(model_config) -> dict:
     """Model config -> plain dict with variants decoded and every size explicit.
 
     Returns {"image": ViT (or NaViT) kwargs, "image_type": model.image.type,
-    "text": TextTransformer kwargs, "temperature_init",
-    "bias_init", "dtype"}; raises ValueError naming the field at fault.
+    "text": TextTransformer kwargs, "temperature_init", "bias_init", "dtype",
+    "num_classes", "head_init"}; raises ValueError naming the field at fault.
     """
     cfg = _merge(_defaults(), _as_dict(model_config), "model")
     img, txt = cfg["image"], cfg["text"]
@@ -170,26 +210,41 @@ def resolve_config(model_config) -> dict:
     if img["type"] not in IMAGE_TYPES:
         raise ValueError(f"model.image.type={img['type']!r} is not one of {IMAGE_TYPES}")
 
+    num_classes = cfg["num_classes"]
+    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+        raise ValueError(f"model.num_classes must be a positive int or None, got {num_classes!r}")
+    text_kw = _text_kwargs(txt, cfg["out_dim"], dtype)
+    common = dict(image_type=img["type"], text=text_kw, out_dim=text_kw["head"],
+                  temperature_init=float(cfg["temperature_init"]),
+                  bias_init=None if cfg["bias_init"] is None else float(cfg["bias_init"]),
+                  dtype=dtype, num_classes=None if num_classes is None else int(num_classes),
+                  head_init=cfg["head_init"], image_head=bool(img["head"]),
+                  explicit_out_dim=cfg["out_dim"],
+                  image_head_bias=bool(img["head_bias"]))
+    if img["type"] in CNN_TYPES:
+        # The ViT default "map" has no CNN meaning: CNNs average-pool their last map.
+        return dict(common, image=dict(img, pool_type="gap" if img["pool_type"] == "map"
+                                       else img["pool_type"]))
+
     dec = decode_variant(img["variant"])
     image_kw = _shape(img, dec, "model.image")
     patch = img["patch_size"] if img["patch_size"] is not None else dec.get("patch_size")
     if patch is None:
         raise ValueError("model.image.patch_size is not set and model.image.variant "
                          f"{img['variant']!r} has no '/patch' suffix")
-    text_kw = _shape(txt, decode_text_variant(txt["variant"]), "model.text")
-    out_dim = int(cfg["out_dim"]) if cfg["out_dim"] is not None else text_kw["width"]
-
+    out_dim = common["out_dim"]
     if img["type"] != "vit":
         image_kw = _navit_kwargs(img, image_kw, patch, out_dim, dtype)
     else:
         image_kw.update(
             patch_size=patch, image_size=img["image_size"], pool_type=img["pool_type"],
             posemb=img["posemb"], stem=img["stem"], stem_features=tuple(img["stem_features"]),
-            stem_strides=tuple(img["stem_strides"]), head=out_dim if img["head"] else None,
+            stem_strides=tuple(img["stem_strides"]), stem_depths=tuple(img["stem_depths"]),
+            head=out_dim if img["head"] else None,
             head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
             pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
             ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype)
-    if not img["head"]:
+    if num_classes is None and not img["head"]:
         d_img = image_kw["width"]
         if img["pool_type"] == "none":
             raise ValueError("model.image.pool_type='none' gives tokens, not one embedding "
@@ -198,15 +253,49 @@ def resolve_config(model_config) -> dict:
             raise ValueError(f"model.image.head is False, so the image embedding has the "
                              f"image width {d_img}, which differs from model.out_dim="
                              f"{out_dim}; set model.image.head=True")
+    return dict(common, image=image_kw)
+
+
+def _text_kwargs(txt: dict, out_dim, dtype) -> dict:
+    """TextTransformer kwargs from model.text; its head projects to out_dim (None: width)."""
+    text_kw = _shape(txt, decode_text_variant(txt["variant"]), "model.text")
+    out_dim = int(out_dim) if out_dim is not None else text_kw["width"]
     text_kw.update(
         vocab_size=int(txt["vocab_size"]), max_len=int(txt["max_len"]),
         pool_type=txt["pool_type"], causal=bool(txt["causal"]), head=out_dim,
         head_bias=bool(txt["head_bias"]), dropout=float(txt["dropout"]), act=txt["act"],
         ln_eps=float(txt["ln_eps"]), remat=bool(txt["remat"]), dtype=dtype)
-    return dict(image=image_kw, image_type=img["type"], text=text_kw, out_dim=out_dim,
-                temperature_init=float(cfg["temperature_init"]),
-                bias_init=None if cfg["bias_init"] is None else float(cfg["bias_init"]),
-                dtype=dtype)
+    return text_kw
+
+
+def _image_tower(r: dict) -> nn.Module:
+    """The image tower of a resolved config (``resolve_config``)."""
+    kind, img, dtype = r["image_type"], r["image"], r["dtype"]
+    if kind == "vit":
+        return ViT(**img)
+    if kind in ("navit", "naflex"):
+        return NaViT(**img)
+    if kind == "clip_resnet":
+        from vlm_jax.models import clip_resnet  # pylint: disable=import-outside-toplevel
+        # Its attention pool projects to the shared width itself. A classifier takes
+        # model.out_dim, else the variant's width, else the features' own (32 x width).
+        out_dim = r["out_dim"]
+        if r["num_classes"] is not None:
+            out_dim = r["explicit_out_dim"]
+            if out_dim is None and img["variant"] is None and img["width"]:
+                out_dim = 32 * int(img["width"])
+        return clip_resnet.from_config(dict(img, layers=img["stage_depths"]), dtype=dtype,
+                                       out_dim=out_dim)
+    if kind == "convnext":
+        from vlm_jax.models import convnext  # pylint: disable=import-outside-toplevel
+        tower = convnext.from_config(img, dtype=dtype)
+    else:
+        from vlm_jax.models import resnet  # pylint: disable=import-outside-toplevel
+        tower = resnet.from_config(img, dtype=dtype)
+    if r["num_classes"] is None and r["image_head"]:
+        tower = two_tower.ProjectedTower(encoder=tower, dim=r["out_dim"],
+                                         use_bias=r["image_head_bias"], dtype=dtype)
+    return tower
 
 
 def _navit_kwargs(img: dict, shape_kw: dict, patch, out_dim: int, dtype) -> dict:
@@ -248,13 +337,18 @@ def _navit_kwargs(img: dict, shape_kw: dict, patch, out_dim: int, dtype) -> dict
     return kw
 
 
-def build(model_config) -> TwoTower:
-    """config.model (ConfigDict or dict; missing fields take defaults) -> unbound TwoTower.
+def build(model_config) -> TwoTower | ImageClassifier:
+    """config.model (ConfigDict or dict; missing fields take defaults) -> unbound model.
 
     model.image.type "vit" -> ``ViT``; "navit" / "naflex" -> ``NaViT``.
+    model.num_classes None -> a ``TwoTower``; set -> an ``ImageClassifier`` of the
+    image tower (the text fields are then unused).
     """
     r = resolve_config(model_config)
-    tower = (ViT if r["image_type"] == "vit" else NaViT)(**r["image"])
+    tower = _image_tower(r)
+    if r["num_classes"] is not None:
+        return ImageClassifier(encoder=tower, num_classes=r["num_classes"],
+                               head_init=r["head_init"], dtype=r["dtype"])
     return TwoTower(image=tower, text=TextTransformer(**r["text"]),
                     temperature_init=r["temperature_init"], bias_init=r["bias_init"],
                     dtype=r["dtype"])
@@ -275,22 +369,50 @@ def dummy_inputs(model_config, batch_size: int = 1):
             jnp.zeros((batch_size, r["text"]["max_len"]), jnp.int32))
 
 
+def is_classifier(model_config) -> bool:
+    """True when ``model_config`` builds an ImageClassifier (model.num_classes is set)."""
+    return (model_config.get("num_classes") if hasattr(model_config, "get") else None) is not None
+
+
+def init_inputs(model_config, batch_size: int = 1) -> tuple:
+    """The dummy arguments of ``model.init``: (images, tokens) for a two-tower, (images,)
+    for a classifier (zeros at the configured sizes, see ``dummy_inputs``)."""
+    images, tokens = dummy_inputs(model_config, batch_size)
+    return (images,) if is_classifier(model_config) else (images, tokens)
+
+
+def as_variables(tree) -> dict:
+    """``{"params": ...}`` variables from either variables or a bare params tree.
+
+    Variables hold a "params" collection and possibly others ("batch_stats");
+    a bare params tree never has a top-level "params" key.
+    """
+    if isinstance(tree, Mapping) and "params" in tree:
+        return dict(tree)
+    return {"params": tree}
+
+
 def _boxed_abstract(model: nn.Module, config):
-    images, tokens = dummy_inputs(_model_config(config))
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (images, tokens)]
+    args = init_inputs(_model_config(config))
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     return jax.eval_shape(functools.partial(model.init, train=False),
                           jax.random.key(0), *shapes)
 
 
-def init(config, rng: jax.Array) -> tuple[TwoTower, dict]:
+def init(config, rng: jax.Array) -> tuple[TwoTower | ImageClassifier, dict]:
     """Build config.model and initialise it -> (model, variables {"params": ...}).
 
     ``config`` is a whole recipe config; ``rng`` a PRNG key. Inputs are zeros at
     model.image.image_size / model.text.max_len. Leaves are plain float32 arrays.
+    BatchNorm towers add variables["batch_stats"].
     """
+    if (hasattr(config, "get") and config.get("task") == "classification"
+            and _model_config(config).get("num_classes") is None):
+        raise ValueError("config.model.num_classes is not set: set it, or let the task fill it "
+                         "from the data: vlm_jax.tasks.get(config).prepare_config(config)")
     model = build(_model_config(config))
-    images, tokens = dummy_inputs(_model_config(config))
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, images, tokens)
+    args = init_inputs(_model_config(config))
+    variables = jax.jit(functools.partial(model.init, train=False))(rng, *args)
     return model, nn.meta.unbox(variables)
 
 
