@@ -7,7 +7,20 @@ tokenizers, grain pipelines, and NaViT packing (``packing``).
     batch = next(it)   # {"image": float32 [256,32,32,3], "tokens": int32 [256,64]}
 """
 
+import importlib
+
 from vlm_jax.data.preprocess import CorruptExampleError
 from vlm_jax.data.shapes import CLASSNAMES, ZEROSHOT_TEMPLATES, class_prompts
-from vlm_jax.data.sources import CaptionsFileError, FolderSource, TfdsSource, build_source
+from vlm_jax.data.sources import (CaptionsFileError, ClassFolderSource, FolderSource, TfdsSource,
+                                  build_source)
 from vlm_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
+
+_LAZY = ("augment", "config", "navit_pipeline", "packing", "pipeline", "preprocess", "shapes",
+         "sources", "tokenizers")
+
+
+def __getattr__(name):
+    # Submodules by attribute, imported on first use (``vlm_jax.data.packing.pack``).
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,10 @@ Training (``train_dataset``), per process:
       --map_with_index: read + decode + augment (in ``data.num_threads`` threads)-->
       [process_index::process_count] --> skip & count corrupt --> batch + tokenize
 
+With ``data.cache_decoded`` the source keeps every image it has decoded (and
+resized, when the crop squashes first) in memory, so only the first epoch reads
+files; augmentation still draws from (seed, position), the batches are unchanged.
+
 Every step is a pure function of (config.seed, position in the stream), so the
 same seed gives the same batches, and ``get_state()``/``set_state()`` on the
 iterator resume exactly. Processes read disjoint positions of one global stream.
@@ -23,13 +27,13 @@ trainer's "data/skipped" metric.
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import grain
 import numpy as np
 
 from vlm_jax.data import preprocess
-from vlm_jax.data.sources import DEFAULT_TEMPLATES, build_source
+from vlm_jax.data.sources import DEFAULT_TEMPLATES, CachedSource, build_source
 from vlm_jax.data.tokenizers import build_tokenizer
 
 __all__ = ["DataIterator", "build_source", "train_dataset", "zeroshot_data", "example_dataset"]
@@ -48,24 +52,43 @@ def _seed32(seed: Any, salt: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**63, salt]).generate_state(1)[0])
 
 
+_EVAL_CROP = {"random_resized": "center", "random_pad": "resize"}
+
+
+def _augment_fn(pp: Any):
+    """``fn(uint8 image, rng) -> uint8 image`` for ``pp.augment``, or None for "none"."""
+    policy = pp.get("augment", "none") or "none"
+    if policy == "none":
+        return None
+    from vlm_jax.data import augment  # pylint: disable=import-outside-toplevel
+    if policy not in augment.POLICIES:
+        raise ValueError(f"pp.augment must be one of {augment.POLICIES}, got {policy!r}")
+    kw = {}
+    if policy == "randaugment":
+        kw = dict(num_ops=int(pp.get("randaug_num_ops", 2)),
+                  magnitude=int(pp.get("randaug_magnitude", 9)))
+    return lambda image, rng: augment.apply_policy(image, policy, rng, **kw)
+
+
 def _pp_kwargs(pp: Any, train: bool) -> dict[str, Any]:
     crop = pp.crop
     if not train:
-        crop = pp.get("eval_crop") or ("center" if crop == "random_resized" else crop)
+        crop = pp.get("eval_crop") or _EVAL_CROP.get(crop, crop)
     if crop not in preprocess.CROP_MODES:
         raise ValueError(f"pp.crop must be one of {preprocess.CROP_MODES}, got {crop!r}")
     return dict(
         image_size=pp.image_size, crop=crop, value_range=tuple(pp.value_range),
         flip=bool(pp.get("flip", False)) and train,
         scale=tuple(pp.get("crop_scale", (0.08, 1.0))), ratio=tuple(pp.get("crop_ratio", (3 / 4, 4 / 3))),
-        method=pp.get("resize_method", "bilinear"),
+        method=pp.get("resize_method", "bilinear"), padding=int(pp.get("crop_padding", 4)),
+        augment=_augment_fn(pp) if train else None,
     )
 
 
 def _make_reader(source: Any, pp: Any, *, train: bool, seed: int):
     """fn(position, source_index) -> {"image", "text", "label"} or Skipped."""
     kw = _pp_kwargs(pp, train)
-    needs_rng = kw["crop"] == "random_resized" or kw["flip"]
+    needs_rng = kw["crop"].startswith("random") or kw["flip"] or kw["augment"] is not None
     aug_seed = _seed32(seed, 1)
 
     def read(position: int, source_index: int):
@@ -84,6 +107,19 @@ def _make_reader(source: Any, pp: Any, *, train: bool, seed: int):
     return read
 
 
+# Crop modes whose first step squashes the whole image to pp.image_size: the cache
+# may store that resized image and give exactly the same crops.
+_SQUASH_FIRST = ("resize", "random_pad")
+
+
+def cached_source(source: Any, pp: Any) -> CachedSource:
+    """``source`` with decoded images kept in memory (``data.cache_decoded``); resized to
+    ``pp.image_size`` already when ``pp.crop`` squashes first, so batches are unchanged."""
+    squash = pp.crop in _SQUASH_FIRST
+    return CachedSource(source, image_size=pp.image_size if squash else None,
+                        method=pp.get("resize_method", "bilinear"))
+
+
 def example_dataset(config: Any, *, process_index: int = 0, process_count: int = 1,
                     split: str | None = None) -> grain.MapDataset:
     """The infinite, shuffled, preprocessed per-example stream of one process.
@@ -96,6 +132,8 @@ def example_dataset(config: Any, *, process_index: int = 0, process_count: int =
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     seed = config.get("seed", 0)
     source = build_source(config.data, split, image_size=config.pp.image_size)
+    if config.data.get("cache_decoded", False):
+        source = cached_source(source, config.pp)
     ds = grain.MapDataset.range(len(source))
     if config.data.get("shuffle", True):
         ds = ds.shuffle(seed=_seed32(seed, 0))
@@ -106,19 +144,37 @@ def example_dataset(config: Any, *, process_index: int = 0, process_count: int =
     return ds
 
 
+def caption_collate(tokenizer: Any) -> Callable[[list[dict]], dict[str, np.ndarray]]:
+    """Examples -> {"image": float32 [b,H,W,3], "tokens": int32 [b,L]} (contrastive)."""
+    def collate(examples):
+        return {"image": np.stack([ex["image"] for ex in examples]),
+                "tokens": tokenizer.encode([ex["text"] for ex in examples])}
+    return collate
+
+
+def label_collate(examples: list[dict]) -> dict[str, np.ndarray]:
+    """Examples -> {"image": float32 [b,H,W,3], "label": int32 [b]} (classification)."""
+    labels = np.asarray([ex["label"] for ex in examples], np.int32)
+    if np.any(labels < 0):
+        raise ValueError("classification needs labelled examples, but the source gave label -1 "
+                         "(TFDS: set data.tfds.label_key; folder: DIR/train/<class>/ layout)")
+    return {"image": np.stack([ex["image"] for ex in examples]), "label": labels}
+
+
 class DataIterator(grain.DatasetIterator):
     """Batches of the per-example stream; skips and counts corrupt examples.
 
-    ``next(it)`` -> {"image": float32 [b,H,W,3], "tokens": int32 [b,L]}.
+    ``next(it)`` -> ``collate(examples)``, by default {"image": float32 [b,H,W,3],
+    "tokens": int32 [b,L]} (``caption_collate``).
     ``it.num_skipped``: corrupt examples skipped so far (restored by ``set_state``).
     ``it.get_state()`` / ``it.set_state(state)``: JSON-serialisable resume state.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, tokenizer: Any,
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, collate: Callable,
                  max_consecutive_skips: int):
         super().__init__(parent)
         self._batch_size = batch_size
-        self._tokenizer = tokenizer
+        self._collate = collate
         self._max_skips = max_consecutive_skips
         self._skipped = 0
 
@@ -127,9 +183,9 @@ class DataIterator(grain.DatasetIterator):
         return self._skipped
 
     def __next__(self) -> dict[str, np.ndarray]:
-        images, texts = [], []
+        examples = []
         run = 0
-        while len(images) < self._batch_size:
+        while len(examples) < self._batch_size:
             ex = next(self._parent)
             if isinstance(ex, Skipped):
                 self._skipped += 1
@@ -142,9 +198,8 @@ class DataIterator(grain.DatasetIterator):
                                        f"last: example {ex.source_index}: {ex.reason}")
                 continue
             run = 0
-            images.append(ex["image"])
-            texts.append(ex["text"])
-        return {"image": np.stack(images), "tokens": self._tokenizer.encode(texts)}
+            examples.append(ex)
+        return self._collate(examples)
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "num_skipped": self._skipped}
@@ -157,21 +212,22 @@ class DataIterator(grain.DatasetIterator):
 class TrainDataset(grain.IterDataset):
     """IterDataset of training batches; ``iter()`` gives a fresh ``DataIterator``."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, tokenizer: Any,
+    def __init__(self, parent: grain.IterDataset, batch_size: int, collate: Callable,
                  max_consecutive_skips: int):
         super().__init__(parent)
         self.batch_size = batch_size
-        self.tokenizer = tokenizer
+        self.collate = collate
         self._max_skips = max_consecutive_skips
 
     def __iter__(self) -> DataIterator:
-        return DataIterator(self._parent.__iter__(), self.batch_size, self.tokenizer, self._max_skips)
+        return DataIterator(self._parent.__iter__(), self.batch_size, self.collate, self._max_skips)
 
     def __str__(self) -> str:
         return f"TrainDataset(batch_size={self.batch_size})"
 
 
-def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1) -> TrainDataset:
+def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1,
+                  collate: Callable | None = None) -> TrainDataset:
     """Training batches for one process.
 
     Args:
@@ -179,9 +235,12 @@ def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1
         ``tokenizer`` (see config.py).
       process_index, process_count: this process and the number of processes
         (``jax.process_index()``, ``jax.process_count()``).
+      collate: list of examples -> batch dict; None: ``caption_collate`` with the
+        config's tokenizer (classification passes ``label_collate``).
     Returns:
       A grain IterDataset; ``iter(ds)`` is a ``DataIterator`` of local batches
-      {"image": float32 [b,H,W,3], "tokens": int32 [b,L]}, b = batch_size // process_count.
+      {"image": float32 [b,H,W,3], "tokens": int32 [b,L]} (or what ``collate``
+      makes), b = batch_size // process_count.
     """
     if "batch_size" not in config:
         raise ValueError("config.batch_size (global batch size) is not set")
@@ -194,8 +253,9 @@ def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1
     buffer = int(config.data.get("prefetch_buffer_size", 256))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer
                                                  if threads > 0 else 0))
-    return TrainDataset(it_ds, local, build_tokenizer(config.tokenizer),
-                        int(config.data.get("max_consecutive_skips", 1000)))
+    if collate is None:
+        collate = caption_collate(build_tokenizer(config.tokenizer))
+    return TrainDataset(it_ds, local, collate, int(config.data.get("max_consecutive_skips", 1000)))
 
 
 def zeroshot_data(config: Any) -> dict[str, Any]:

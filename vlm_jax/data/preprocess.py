@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-CROP_MODES = ("resize", "center", "random_resized")
+CROP_MODES = ("resize", "center", "random_resized", "random_pad")
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -161,6 +161,7 @@ def resize_crop(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     method: str = "bilinear",
+    padding: int = 4,
 ) -> np.ndarray:
     """Resizes/crops uint8 [H, W, 3] to uint8 [h, w, 3], (h, w) = ``size``.
 
@@ -170,6 +171,9 @@ def resize_crop(
       "random_resized": a random box with area fraction in ``scale`` and aspect
         ratio in ``ratio`` (Inception-style), resized to (h, w). Needs ``rng``;
         the same rng state gives the same crop.
+      "random_pad": squash to (h, w), pad ``padding`` black pixels on every side and
+        take a random (h, w) crop: the classic CIFAR augmentation (a shift of up to
+        ``padding`` pixels). Needs ``rng``.
     """
     hw = _size_hw(size)
     h, w = image.shape[:2]
@@ -186,6 +190,15 @@ def resize_crop(
             raise ValueError("crop mode 'random_resized' needs an rng (np.random.Generator)")
         top, left, ch, cw = _random_resized_box(rng, h, w, scale, ratio)
         return _resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), hw, method)
+    if mode == "random_pad":
+        if rng is None:
+            raise ValueError("crop mode 'random_pad' needs an rng (np.random.Generator)")
+        img = _resize(image, hw, method)
+        if padding <= 0:
+            return img
+        img = np.pad(img, ((padding, padding), (padding, padding), (0, 0)))
+        top, left = (int(v) for v in rng.integers(0, 2 * padding + 1, size=2))
+        return np.ascontiguousarray(img[top:top + hw[0], left:left + hw[1]])
     raise ValueError(f"pp.crop must be one of {CROP_MODES}, got {mode!r}")
 
 
@@ -208,9 +221,11 @@ def preprocess_image(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     method: str = "bilinear",
+    padding: int = 4,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     what: str = "",
 ) -> np.ndarray:
-    """decode -> resize/crop -> optional random horizontal flip -> normalise.
+    """decode -> resize/crop -> optional random horizontal flip -> augment -> normalise.
 
     Args:
       image: anything ``decode_image`` accepts.
@@ -218,17 +233,23 @@ def preprocess_image(
       crop: one of ``CROP_MODES`` (see ``resize_crop``).
       value_range: (lo, hi) the pixel range 0-255 is mapped onto.
       flip: flip left-right with probability 1/2 (needs ``rng``).
-      rng: source of randomness for "random_resized" and ``flip``.
+      rng: source of randomness for the random crops, ``flip`` and ``augment``.
+      padding: "random_pad": the shift range in pixels.
+      augment: optional ``fn(uint8 [h, w, 3], rng) -> uint8 [h, w, 3]`` applied to the
+        cropped image (e.g. ``augment.apply_policy`` with RandAugment).
     Returns:
       float32 [h, w, 3].
     Raises:
       CorruptExampleError: the image cannot be decoded.
     """
     img = decode_image(image, what=what)
-    img = resize_crop(img, image_size, crop, rng=rng, scale=scale, ratio=ratio, method=method)
+    img = resize_crop(img, image_size, crop, rng=rng, scale=scale, ratio=ratio, method=method,
+                      padding=padding)
     if flip:
         if rng is None:
             raise ValueError("pp.flip needs an rng (np.random.Generator)")
         if rng.random() < 0.5:
             img = img[:, ::-1]
+    if augment is not None:
+        img = augment(np.ascontiguousarray(img), rng)
     return normalize(img, value_range)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_jax.data import preprocess, shapes
+from vlm_jax.data import classnames, preprocess, shapes
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -111,6 +111,7 @@ class TfdsSource:
                 feat = feat[part]
             names = getattr(feat, "names", None)
             if names is not None:
+                names = classnames.readable(name, names)
                 self.classnames = [n.replace("_", " ") for n in names]
             elif not self.text_key:
                 raise ValueError(f"data.tfds.label_key={label_key!r} of {name} is not a ClassLabel "
@@ -280,6 +281,157 @@ class FolderSource:
         return f"FolderSource({self.path!r}, captions={self.captions_file!r}, n={len(self)})"
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm")
+# Split name -> the subfolders that may hold it, first found wins.
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid", "test"),
+               "validation": ("validation", "val", "valid", "test"),
+               "test": ("test", "val", "validation", "valid")}
+
+
+def is_class_folder(path: str) -> bool:
+    """True for the ImageNet layout: ``path/train/<class>/...`` (no captions file needed)."""
+    return os.path.isdir(os.path.join(path, "train"))
+
+
+class ClassFolderSource:
+    """Images in one subfolder per class (torchvision's ImageFolder / ImageNet layout).
+
+        DIR/train/<class name>/*.{jpg,jpeg,png,...}    DIR/val/<class name>/*
+
+    Classes are the sorted subfolder names of ``DIR/train`` (the same list for every
+    split, so label ids agree); ``source[i]`` -> {"image": uint8 [H,W,3], "text":
+    caption_template filled with the class name, "label": int, "path": str}.
+    Files are listed recursively in sorted order; hidden files and other extensions
+    are ignored.
+
+    Args:
+      path: DIR.
+      split: "train", or "val" (also found as validation/, valid/ or test/), "test".
+      caption_template: the caption of an image of class c (contrastive training).
+    Raises:
+      FileNotFoundError / ValueError naming the folder at fault.
+    """
+
+    def __init__(self, path: str, split: str = "train", caption_template: str = "a photo of a {}."):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"data.folder.path {path!r} is not a directory")
+        names = _SPLIT_DIRS.get(split, (split,))
+        found = [n for n in names if os.path.isdir(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(
+                f"{path!r} has no {' / '.join(n + '/' for n in names)} folder for split {split!r} "
+                "(expected DIR/train/<class>/... and DIR/val/<class>/...)")
+        self.path, self.split = os.fspath(path), split
+        self.split_dir = os.path.join(path, found[0])
+        class_root = os.path.join(path, "train") if is_class_folder(path) else self.split_dir
+        self.classnames = sorted(d.name for d in os.scandir(class_root)
+                                 if d.is_dir() and not d.name.startswith("."))
+        if not self.classnames:
+            raise ValueError(f"{class_root!r} has no class subfolders")
+        ids = {c: i for i, c in enumerate(self.classnames)}
+        self._files, self._labels = [], []
+        for d in sorted(os.scandir(self.split_dir), key=lambda e: e.name):
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            if d.name not in ids:
+                raise ValueError(f"{d.path!r}: class {d.name!r} is not among the training "
+                                 f"classes of {class_root!r}")
+            for root, dirs, files in os.walk(d.path):
+                dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+                for f in sorted(files):
+                    if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                        self._files.append(os.path.join(root, f))
+                        self._labels.append(ids[d.name])
+        if not self._files:
+            raise ValueError(f"{self.split_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if "{}" not in caption_template:
+            raise ValueError(f"data.folder.caption_template {caption_template!r} has no '{{}}'")
+        self.caption_template = caption_template
+        self.templates = (caption_template,)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 [N]: the class id of every image (no decoding)."""
+        return np.asarray(self._labels, np.int32)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        full, label = self._files[index], self._labels[index]
+        image = preprocess.decode_image(full, what=full)
+        text = shapes.fix_articles(self.caption_template.format(self.classnames[label]))
+        return dict(image=image, text=text, label=label, path=full)
+
+    def __repr__(self) -> str:
+        return (f"ClassFolderSource({self.split_dir!r}, n={len(self)}, "
+                f"classes={len(self.classnames)})")
+
+
+class CachedSource:
+    """Wraps a source and keeps each example, its image decoded, after its first read.
+
+    ``source[i]`` is read from ``inner`` once; its image is decoded to uint8
+    [H, W, 3] (and, with ``image_size``, squashed to that size with ``method``, as
+    ``preprocess.resize_crop`` mode "resize" does) and stored read-only, so later
+    epochs do no file reading, decoding or resizing. Examples that fail to read
+    (``CorruptExampleError``, ``OSError``) are not stored: they fail again on every
+    read, as without the cache. Other attributes (``classnames``, ``labels``, ...)
+    are the inner source's. Safe for the pipeline's reader threads (a racing
+    first read stores the same value twice).
+    """
+
+    def __init__(self, inner: Any, image_size: Any = None, method: str = "bilinear"):
+        self.inner = inner
+        self.image_size = image_size
+        self.method = method
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        ex = self._cache.get(index)
+        if ex is None:
+            ex = dict(self.inner[index])
+            image = preprocess.decode_image(ex["image"], what=str(ex.get("path", index)))
+            if self.image_size is not None:
+                image = preprocess.resize_crop(image, self.image_size, "resize", method=self.method)
+            image = np.ascontiguousarray(image)
+            image.flags.writeable = False  # shared by every later read
+            ex["image"] = image
+            self._cache[index] = ex
+        return dict(ex)
+
+    def __repr__(self) -> str:
+        return f"CachedSource({self.inner!r}, image_size={self.image_size!r})"
+
+
+def default_eval_split(data_config: Any) -> str:
+    """The held-out split of ``config.data``'s source: shapes "heldout", a class
+    folder "val", TFDS the preset's evaluation split (e.g. cifar10 "test")."""
+    kind = data_config.source
+    if kind == "shapes":
+        return "heldout"
+    if kind == "folder":
+        return "val"
+    from vlm_jax.evaluators.data import TFDS_PRESETS  # pylint: disable=import-outside-toplevel
+    name = data_config.tfds.name.split(":")[0].split("/")[0]
+    return TFDS_PRESETS.get(name, {}).get("split", "test")
+
+
 def build_source(data_config: Any, split: str | None = None, *, image_size: int | None = None):
     """A source from ``config.data``.
 
@@ -287,11 +439,12 @@ def build_source(data_config: Any, split: str | None = None, *, image_size: int 
       data_config: the ``data`` ConfigDict (fields in config.py).
       split: which split. None: the training split (shapes "train", TFDS
         ``data.tfds.split``). Shapes: "train" | "heldout"; TFDS: any TFDS split
-        string; folder: ignored (the folder is one split).
+        string; a folder with a captions file: ignored (the folder is one split);
+        a class folder (``DIR/train/<class>/``): "train" | "val" | "test".
       image_size: render size for the shapes source when ``data.shapes.image_size``
         is None (the pipeline passes ``pp.image_size``).
     Returns:
-      ShapesSource | TfdsSource | FolderSource.
+      ShapesSource | TfdsSource | FolderSource | ClassFolderSource.
     """
     kind = data_config.source
     if kind == "shapes":
@@ -311,5 +464,20 @@ def build_source(data_config: Any, split: str | None = None, *, image_size: int 
                           label_key=c.get("label_key"), caption_template=c.caption_template)
     if kind == "folder":
         c = data_config.folder
-        return FolderSource(c.path, c.get("captions"))
+        captions = c.get("captions")
+        if c.path and captions and not os.path.isabs(captions):
+            captions_path = os.path.join(c.path, captions)
+        else:
+            captions_path = captions
+        if captions_path and os.path.isfile(captions_path):
+            return FolderSource(c.path, captions)
+        if c.path and is_class_folder(c.path):
+            return ClassFolderSource(c.path, split or "train",
+                                     c.get("caption_template") or "a photo of a {}.")
+        if not c.path:
+            raise ValueError("data.folder.path is empty")
+        raise FileNotFoundError(
+            f"data.folder.path {c.path!r} has neither a captions file ({captions!r}, see "
+            "data.folder.captions) nor one subfolder per class under train/ "
+            "(DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)")
     raise ValueError(f"data.source must be 'shapes', 'tfds' or 'folder', got {kind!r}")
