@@ -20,6 +20,7 @@ import pytest
 from recipes import get_config, override
 from vlm_jax import losses, models, optim, parallel, train
 from vlm_jax.data import pipeline
+from vlm_jax.tasks import contrastive
 
 BATCH = 16
 LR = 0.5
@@ -205,9 +206,10 @@ def test_accumulation_uses_each_micro_batchs_dropout_key_in_both_passes():
 
   rng = jax.random.PRNGKey(3)
   args = (params, batch, rng)
-  grad_fn = jax.jit(train.make_grad_fn(c, model, _mesh())).lower(*args).compile(_FAST)
+  grad_fn = jax.jit(contrastive.make_grad_fn(c, model, _mesh())).lower(
+      params, {}, batch, rng).compile(_FAST)
   reference = jax.jit(reference).lower(*args).compile(_FAST)
-  loss, grads, _ = grad_fn(*args)
+  loss, grads, _, _ = grad_fn(params, {}, batch, rng)
   ref_loss, ref_grads = reference(*args)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6),
@@ -243,7 +245,7 @@ def test_micro_batches_not_divisible_by_the_batch_shards_name_both_fields():
   with pytest.raises(ValueError, match=r"config\.batch_size=16 .*config\.grad_accum_steps=4"):
     train.make_train_step(c, model, SGD, lambda _: LR, mesh, shardings)
   with pytest.raises(ValueError, match=r"config\.grad_accum_steps must be an int >= 1"):
-    train.make_grad_fn(_config(grad_accum_steps=0), model, mesh)
+    contrastive.make_grad_fn(_config(grad_accum_steps=0), model, mesh)
 
 
 # ------------------------------------------------------------ multi-host ---

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from recipes import ROOT, get_config, override
-from vlm_jax import checkpoint, config_util, models, optim, parallel, train
+from vlm_jax import checkpoint, config_util, models, optim, parallel, tasks, train
 from vlm_jax.data import pipeline
 
 
@@ -84,9 +84,15 @@ def test_training_program_writes_metrics_config_and_checkpoints(tmp_path):
     checkpoint.load(workdir, step=4)
 
 
-def test_killed_run_resumes_bit_identically(tmp_path):
+# Every task trains through the same loop: resume, SIGTERM and NaN handling are checked
+# for each (contrastive: the SigLIP demo; classification: the ViT-from-scratch recipe).
+TASK_RECIPES = ["siglip_shapes", "vit_cifar10"]
+
+
+@pytest.mark.parametrize("recipe", TASK_RECIPES)
+def test_killed_run_resumes_bit_identically(tmp_path, recipe):
   """kill -9 after the second checkpoint, rerun: same final params as uninterrupted."""
-  args = ["--config", "configs/siglip_shapes.py:runlocal",
+  args = ["--config", f"configs/{recipe}.py:runlocal",
           "--config.total_steps=24", "--config.checkpoint_every=4",
           "--config.eval_every=0", "--config.log_every=4",
           "--config.keep_checkpoints=10"]
@@ -114,14 +120,15 @@ def test_killed_run_resumes_bit_identically(tmp_path):
   assert f"from step {steps_at_kill[-1]}" in proc.stdout
   a, b = checkpoint.load(straight), checkpoint.load(killed)
   assert a.step == b.step == 24
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+@pytest.mark.parametrize("recipe", TASK_RECIPES)
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, recipe):
   workdir = str(tmp_path / "run")
   p = subprocess.Popen(
-      [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py:runlocal",
+      [sys.executable, "-m", "vlm_jax.train", "--config", f"configs/{recipe}.py:runlocal",
        "--workdir", workdir, "--config.total_steps=100000", "--config.checkpoint_every=0",
        "--config.eval_every=0", "--config.log_every=1"],
       cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -139,7 +146,8 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
   assert 3 <= ck.step < 100000
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", TASK_RECIPES)
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, recipe):
   workdir = str(tmp_path / "run")
   real = pipeline.train_dataset
 
@@ -171,8 +179,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
       return It()
 
   monkeypatch.setattr(pipeline, "train_dataset", lambda *a, **k: Poisoned(real(*a, **k)))
+  c = get_config(recipe, "runlocal")
+  c.data.num_threads = 0
+  c = override(c, {"total_steps": 10, "checkpoint_every": 1, "eval_every": 0})
   with pytest.raises(FloatingPointError, match="step 4"):
-    train.train_and_evaluate(_tiny(total_steps=10, checkpoint_every=1, eval_every=0), workdir)
+    train.train_and_evaluate(c, workdir)
   ck = checkpoint.load(workdir)
   assert ck.step == 3
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ck.params))
@@ -247,10 +258,12 @@ def test_batch_not_divisible_by_shards_names_batch_size(tmp_path):
 
 
 @pytest.mark.parametrize("name,arg", [("siglip_shapes", "runlocal"), ("siglip_b16", "runlocal"),
-                                      ("navit_b16", "runlocal"), ("navit_b16", "runlocal,naflex")])
+                                      ("navit_b16", "runlocal"), ("navit_b16", "runlocal,naflex"),
+                                      ("vit_cifar10", "runlocal")])
 def test_every_recipe_has_runlocal_and_the_required_fields(name, arg):
   c = get_config(name, arg)
   config_util.validate(c)
+  tasks.get(c).prepare_config(c)  # classification: num_classes from the data
   model, variables = models.init(c, jax.random.PRNGKey(0))
   assert models.count_params(variables) < 2_000_000
 

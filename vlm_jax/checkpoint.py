@@ -21,8 +21,10 @@ shardings, ``load(workdir, mesh=...)`` places params by their logical axes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -130,6 +132,18 @@ class Checkpointer:
     self.manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Hides Orbax's warnings that a read-only manager is read-only (load() is, by design)."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 @dataclasses.dataclass
 class LoadedCheckpoint:
   """What ``load()`` returns: everything an eval notebook needs."""
@@ -138,10 +152,13 @@ class LoadedCheckpoint:
   params: Any
   step: int
   mesh: Any = None  # the mesh ``params`` are sharded on; None: one device
+  # Non-parameter collections, e.g. {"batch_stats": ...} for BatchNorm models.
+  model_state: dict = dataclasses.field(default_factory=dict)
 
   @property
   def variables(self):
-    return {"params": self.params}
+    """{"params": ..., **model_state}: what ``model.apply`` takes."""
+    return {"params": self.params, **self.model_state}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -167,11 +184,17 @@ def sharding_rules(config):
   return parallel.rules_from_config(config)
 
 
+def variable_shardings(model, config, mesh):
+  """NamedShardings of all variables (params, batch_stats) on ``mesh`` from their
+  logical axes (as in training)."""
+  from vlm_jax import models, parallel  # pylint: disable=import-outside-toplevel
+  specs = models.logical_specs(model, config)
+  return parallel.logical_to_shardings(specs, mesh, sharding_rules(config))
+
+
 def param_shardings(model, config, mesh):
   """NamedShardings of the params on ``mesh`` from their logical axes (as in training)."""
-  from vlm_jax import models, parallel  # pylint: disable=import-outside-toplevel
-  specs = models.logical_specs(model, config)["params"]
-  return parallel.logical_to_shardings(specs, mesh, sharding_rules(config))
+  return variable_shardings(model, config, mesh)["params"]
 
 
 def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoint:
@@ -197,9 +220,10 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
   from vlm_jax import models  # pylint: disable=import-outside-toplevel
 
   config = read_config(workdir)
-  manager = ocp.CheckpointManager(
-      checkpoint_dir(workdir), item_names=("state", "data"),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  with _quiet_orbax():
+    manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir), item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
     steps = manager.all_steps()
     if not steps:
@@ -209,22 +233,27 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
     elif step not in steps:
       raise ValueError(f"no checkpoint at step {step} in {workdir}; have {sorted(steps)}")
     model = models.build(config.model)
-    abstract = models.abstract_variables(model, config)["params"]
+    variables = dict(models.abstract_variables(model, config))
     if mesh is None:
       one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: one, abstract)
+      shardings = jax.tree.map(lambda _: one, variables)
     else:
-      shardings = param_shardings(model, config, mesh)
-    # Restore only the params subtree, straight onto the target shardings.
-    abstract = {"params": jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)}
+      shardings = variable_shardings(model, config, mesh)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), variables, shardings)
+    # Restore only the params (and BatchNorm statistics: the train state's
+    # model_state) subtrees, straight onto the target shardings.
+    params = abstract.pop("params")
+    item = {"params": params, **({"model_state": abstract} if abstract else {})}
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract,
+            item=item,
             restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                      abstract),
+                                      item),
             partial_restore=True)))
   finally:
     manager.close()
-  return LoadedCheckpoint(config=config, model=model, params=restored["state"]["params"],
-                          step=int(step), mesh=mesh)
+  state = restored["state"]
+  return LoadedCheckpoint(config=config, model=model, params=state["params"],
+                          step=int(step), mesh=mesh,
+                          model_state=dict(state.get("model_state") or {}))

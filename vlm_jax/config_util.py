@@ -118,8 +118,13 @@ def base_config() -> ml_collections.ConfigDict:
   # pylint: disable=import-outside-toplevel
   from vlm_jax import models, optim
   from vlm_jax.data import config as data_config
+  from vlm_jax.tasks import classification
 
-  c = data_config.default_config()       # data, pp, tokenizer, evals.zeroshot
+  c = data_config.default_config()       # data, pp, tokenizer, evals
+  # The objective (a module in vlm_jax/tasks/): "contrastive" (image-text, SigLIP /
+  # CLIP) | "classification" (labels; model.num_classes from the data).
+  c.task = "contrastive"
+  c.classification = classification.default_config()  # label smoothing, mixup, cutmix
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 256                     # global, over all devices and hosts

@@ -36,7 +36,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from vlm_jax import checkpoint, config_util, evaluators, models, parallel
+from vlm_jax import checkpoint, config_util, evaluators, models, parallel, tasks
 
 # Its own FlagValues: vlm_jax.train defines --workdir/--config too, and both modules
 # may be imported in one process (tests, notebooks).
@@ -157,17 +157,23 @@ def eval_mesh(config) -> jax.sharding.Mesh:
     return parallel.make_mesh([("data", -1)])
 
 
-def evaluate(config, model, params, *, mesh=None, names=None) -> dict:
-  """Builds the evaluators of ``config`` and runs them on ``params``.
+def evaluate(config, model, params, *, mesh=None, names=None, workdir=None,
+             step=None) -> dict:
+  """Builds the evaluators of ``config``'s task and runs them on ``params``.
 
-  Returns the merged metrics {name: float}. ``names``: which evaluators (None: the
-  enabled ones); ``mesh``: the mesh ``params`` live on (None: one device).
+  Returns the merged metrics {name: float}. ``params``: params or whole variables
+  (with BatchNorm statistics); ``names``: which evaluators (None: the task's
+  enabled ones); ``mesh``: the mesh ``params`` live on (None: one device);
+  ``workdir``/``step``: where evaluators write files (the confusion matrix).
   """
-  evals = evaluators.build_evaluators(config, model, mesh=mesh, names=names)
+  task = tasks.get(config)
+  if names is None:
+    names = evaluators.enabled_names(config, task.EVALUATORS)
+  evals = evaluators.build_evaluators(config, model, mesh=mesh, names=names, workdir=workdir)
   if not evals:
-    raise ValueError("no evaluator is enabled; enable one, e.g. "
-                     "--config.evals.zeroshot.enabled=True")
-  metrics = evals.run(params)
+    raise ValueError(f"no evaluator of task {task.NAME!r} is enabled; enable one of "
+                     f"{task.EVALUATORS}, e.g. --config.evals.{task.EVALUATORS[0]}.enabled=True")
+  metrics = evals.run(params, step=step)
   logging.info("Evaluator wall times (s): %s", evals.seconds)
   return metrics
 
@@ -220,8 +226,10 @@ def run(workdir: str | None = None, *, step: int | None = None, hf: str | None =
     mesh = eval_mesh(config)
     ckpt = checkpoint.load(workdir, step, mesh=mesh)
     # Built from the overridden config (e.g. --config.model.dtype=bfloat16); same params.
-    model, params, step_out, source = models.build(config.model), ckpt.params, ckpt.step, workdir
-  metrics = evaluate(config, model, params, mesh=mesh)
+    model, params, step_out, source = (models.build(config.model), ckpt.variables, ckpt.step,
+                                       workdir)
+  metrics = evaluate(config, model, params, mesh=mesh, workdir=workdir,
+                     step=step_out if not hf else None)
   row = {"step": int(step_out), **{k: float(v) for k, v in metrics.items()}}
   if output is None and workdir:
     name = f"eval_{step_out}.json" if not hf else "eval_hf.json"

@@ -11,6 +11,12 @@ their data once, when built, and ``run(params)`` embeds it with ``params``
     zeroshot       "zeroshot/top1"                       evaluators/zeroshot.py
     retrieval      "retrieval/{i2t,t2i}_r{1,5,10}"       evaluators/retrieval.py
     linear_probe   "linear_probe/top1"                   evaluators/linear_probe.py
+    classification "val/top1", "val/top5", "val/loss"    evaluators/classification.py
+
+Which of them a run uses is the task's choice (``tasks.<task>.EVALUATORS``):
+contrastive runs zero-shot, retrieval and linear probe; classification runs
+classification and linear probe. ``params`` may be whole variables (BatchNorm's
+``batch_stats`` included).
 
 Any section may read another source: ``config.evals.zeroshot.data =
 tfds_data("cifar10")`` (with ``split = "test"``), ``config.evals.retrieval.data =
@@ -22,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from vlm_jax.evaluators.classification import ClassificationEvaluator
 from vlm_jax.evaluators.data import TFDS_PRESETS, tfds_data
 from vlm_jax.evaluators.encoder import Encoder
 from vlm_jax.evaluators.linear_probe import LinearProbeEvaluator
@@ -31,14 +38,15 @@ from vlm_jax.evaluators.zeroshot import ZeroShotEvaluator
 __all__ = ["EVALUATORS", "Evaluators", "build_evaluators", "enabled_names", "metric_names",
            "tfds_data",
            "TFDS_PRESETS", "Encoder", "ZeroShotEvaluator", "RetrievalEvaluator",
-           "LinearProbeEvaluator"]
+           "LinearProbeEvaluator", "ClassificationEvaluator"]
 
 # config.evals section name -> evaluator class (constructor (config, model, *, mesh, encoder,
-# tokenizer); ``run(params) -> dict``).
+# tokenizer, workdir); ``run(params, step=None) -> dict``).
 EVALUATORS = {
     "zeroshot": ZeroShotEvaluator,
     "retrieval": RetrievalEvaluator,
     "linear_probe": LinearProbeEvaluator,
+    "classification": ClassificationEvaluator,
 }
 
 
@@ -63,28 +71,34 @@ class Evaluators:
   def __iter__(self):
     return iter(self.evaluators)
 
-  def run(self, params) -> dict:
-    """Runs every evaluator on ``params``; returns their merged {name: float} metrics."""
+  def run(self, params, step: int | None = None) -> dict:
+    """Runs every evaluator on ``params`` (or variables) at training step ``step``;
+    returns their merged {name: float} metrics."""
     metrics = {}
     for e in self.evaluators:
       t0 = time.perf_counter()
-      metrics.update(e.run(params))
+      metrics.update(e.run(params, step=step))
       self.seconds[e.name] = time.perf_counter() - t0
     return metrics
 
 
-def enabled_names(config) -> list[str]:
+def enabled_names(config, allowed: Sequence[str] | None = None) -> list[str]:
   """Names of the ``config.evals`` sections with ``enabled`` true (default true).
 
-  Raises ValueError for a section that is not a known evaluator.
+  ``allowed``: the evaluators the run's task can use (``tasks.<task>.EVALUATORS``);
+  None: the task of ``config.task``. Raises ValueError for a section that is not
+  a known evaluator.
   """
   evals = config.get("evals") or {}
   for name in evals:
     if name not in EVALUATORS:
       raise ValueError(f"config.evals.{name} is not a known evaluator; known: "
                        f"{sorted(EVALUATORS)}")
-  return [name for name in EVALUATORS
-          if evals.get(name) is not None and evals[name].get("enabled", True)]
+  if allowed is None:
+    from vlm_jax import tasks  # pylint: disable=import-outside-toplevel
+    allowed = tasks.get(config).EVALUATORS
+  return [name for name in EVALUATORS if name in allowed
+          and evals.get(name) is not None and evals[name].get("enabled", True)]
 
 
 def metric_names(config, names: Sequence[str] | None = None) -> list[str]:
@@ -94,20 +108,24 @@ def metric_names(config, names: Sequence[str] | None = None) -> list[str]:
     if name == "retrieval":
       ks = config.evals.retrieval.get("ks", (1, 5, 10))
       out += [f"retrieval/{d}_r{int(k)}" for d in ("i2t", "t2i") for k in ks]
+    elif name == "classification":
+      out += ["val/top1", "val/top5", "val/loss"]
     else:
       out.append(f"{name}/top1")
   return out
 
 
-def build_evaluators(config, model, *, mesh=None, names: Sequence[str] | None = None
-                     ) -> Evaluators:
+def build_evaluators(config, model, *, mesh=None, names: Sequence[str] | None = None,
+                     workdir: str | None = None) -> Evaluators:
   """Builds the run's evaluators; they share one compiled ``Encoder`` and tokenizer.
 
   Args:
     config: the run's config (``evals``, ``data``, ``pp``, ``tokenizer``).
-    model: the two-tower model.
+    model: the two-tower model or image classifier.
     mesh: the mesh the params live on (None: the default device).
-    names: which evaluators (sections of ``config.evals``); None: the enabled ones.
+    names: which evaluators (sections of ``config.evals``); None: the enabled ones
+      of the run's task.
+    workdir: where evaluators may write files (the confusion matrix); None: nowhere.
   Returns:
     ``Evaluators``, empty (falsy) when none is enabled.
   Raises:
@@ -130,7 +148,7 @@ def build_evaluators(config, model, *, mesh=None, names: Sequence[str] | None = 
   for name in names:
     try:
       out.append(EVALUATORS[name](config, model, mesh=mesh, encoder=encoder,
-                                  tokenizer=tokenizer))
+                                  tokenizer=tokenizer, workdir=workdir))
     except Exception as e:
       e.add_note(f"(while building the {name} evaluator from config.evals.{name})")
       raise

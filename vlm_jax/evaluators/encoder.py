@@ -1,4 +1,8 @@
-"""Batched, jit-compiled image and text encoding shared by the evaluators."""
+"""Batched, jit-compiled image and text encoding shared by the evaluators.
+
+``params`` arguments take either a bare params tree or whole variables
+(``{"params": ..., "batch_stats": ...}`` for BatchNorm towers).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,7 @@ import jax
 import numpy as np
 
 from vlm_jax import parallel
-
-
-def normalize(x, axis=-1) -> np.ndarray:
-  """float32 ``x / ||x||`` along ``axis`` (a zero vector stays zero)."""
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+from vlm_jax.models import as_variables
 
 
 class Encoder:
@@ -25,24 +24,30 @@ class Encoder:
   default device.
 
   One Encoder can serve several evaluators: the compiled functions are shared.
+  For an ``ImageClassifier`` ``images`` gives the pooled features (before the
+  head) and ``logits`` the class logits; it has no ``tokens``.
   """
 
   def __init__(self, model, *, mesh=None, batch_size: int = 256):
+    from vlm_jax.models import ImageClassifier  # pylint: disable=import-outside-toplevel
     self.model = model
     self.mesh = mesh
     self.batch_size = int(batch_size)
-    encode_image = lambda p, x: model.apply({"params": p}, x, method="encode_image")
-    encode_text = lambda p, t: model.apply({"params": p}, t, method="encode_text")
-    if mesh is not None and parallel.is_explicit(mesh):
-      # The towers run with Auto axes (as in training); only the embeddings
-      # are typed, split over the batch axes.
-      out = parallel.batch_sharding(mesh, 2)
-      encode_image = jax.sharding.auto_axes(encode_image, out_sharding=out)
-      encode_text = jax.sharding.auto_axes(encode_text, out_sharding=out)
+    if isinstance(model, ImageClassifier):
+      fns = {"img": lambda v, x: model.apply(as_variables(v), x, method="encode")[0],
+             "logits": lambda v, x: model.apply(as_variables(v), x)}
+    else:
+      fns = {"img": lambda v, x: model.apply(as_variables(v), x, method="encode_image"),
+             "txt": lambda v, t: model.apply(as_variables(v), t, method="encode_text")}
     # Replicated outputs: every process can read all rows (multi-host meshes).
     out_sharding = parallel.replicated(mesh) if mesh is not None else None
-    self._img = jax.jit(encode_image, out_shardings=out_sharding)
-    self._txt = jax.jit(encode_text, out_shardings=out_sharding)
+    self._fns = {}
+    for name, fn in fns.items():
+      if mesh is not None and parallel.is_explicit(mesh):
+        # The towers run with Auto axes (as in training); only the outputs are
+        # typed, split over the batch axes.
+        fn = jax.sharding.auto_axes(fn, out_sharding=parallel.batch_sharding(mesh, 2))
+      self._fns[name] = jax.jit(fn, out_shardings=out_sharding)
 
   def _run(self, fn, params, x, batch_size=None) -> np.ndarray:
     x = np.asarray(x)
@@ -70,12 +75,20 @@ class Encoder:
       # (its batch_size counts packed sequences: its default, not ours).
       from vlm_jax import inference  # pylint: disable=import-outside-toplevel
       return np.asarray(inference.encode_images(
-          self.model, {"params": params}, list(np.asarray(images))), np.float32)
-    return self._run(self._img, params, images, batch_size)
+          self.model, as_variables(params), list(np.asarray(images))), np.float32)
+    return self._run(self._fns["img"], params, images, batch_size)
 
   def tokens(self, params, tokens, *, batch_size=None) -> np.ndarray:
     """int32 [N,L] -> [N,D] float32 embeddings (before normalisation)."""
-    return self._run(self._txt, params, tokens, batch_size)
+    if "txt" not in self._fns:
+      raise ValueError(f"{type(self.model).__name__} has no text tower")
+    return self._run(self._fns["txt"], params, tokens, batch_size)
+
+  def logits(self, params, images, *, batch_size=None) -> np.ndarray:
+    """float32 [N,H,W,3] -> [N, num_classes] float32 logits (classifiers only)."""
+    if "logits" not in self._fns:
+      raise ValueError(f"{type(self.model).__name__} is not an image classifier")
+    return self._run(self._fns["logits"], params, images, batch_size)
 
 
 def _is_fixed_size(model) -> bool:

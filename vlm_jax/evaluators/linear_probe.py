@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.evaluators.encoder import Encoder, normalize
+from vlm_jax.evaluators.encoder import Encoder
+from vlm_jax.numeric import normalize
 
 __all__ = ["fit_ridge", "select_and_fit", "accuracy", "LinearProbeEvaluator"]
 
@@ -115,8 +116,8 @@ class LinearProbeEvaluator:
   name = "linear_probe"
 
   def __init__(self, config, model, *, mesh=None, train=None, test=None, encoder=None,
-               tokenizer=None):
-    del tokenizer  # image tower only
+               tokenizer=None, workdir=None):
+    del tokenizer, workdir  # image tower only; writes no files
     from vlm_jax.evaluators import data as eval_data  # pylint: disable=import-outside-toplevel
     lcfg = config.evals.linear_probe
     self.batch_size = int(lcfg.get("batch_size", 256))
@@ -138,7 +139,7 @@ class LinearProbeEvaluator:
     self.encoder = encoder or Encoder(model, mesh=mesh, batch_size=self.batch_size)
     self.last_l2 = None
 
-  def run(self, params) -> dict:
+  def run(self, params, step: int | None = None) -> dict:
     xtr = self.encoder.images(params, self.train["images"], batch_size=self.batch_size)
     xte = self.encoder.images(params, self.test["images"], batch_size=self.batch_size)
     w, b, self.last_l2 = select_and_fit(xtr, np.asarray(self.train["labels"]),

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm_jax.evaluators.encoder import Encoder, normalize
+from vlm_jax.evaluators.encoder import Encoder
+from vlm_jax.numeric import normalize
 
 __all__ = ["recall_at_k", "RetrievalEvaluator"]
 
@@ -105,7 +106,9 @@ class RetrievalEvaluator:
 
   name = "retrieval"
 
-  def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None, encoder=None):
+  def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None, encoder=None,
+               workdir=None):
+    del workdir  # writes no files
     from vlm_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
     from vlm_jax.evaluators import data as eval_data  # pylint: disable=import-outside-toplevel
     rcfg = config.evals.retrieval
@@ -129,7 +132,7 @@ class RetrievalEvaluator:
     return (self.encoder.images(params, self.images, batch_size=self.batch_size),
             self.encoder.tokens(params, self.tokens, batch_size=self.batch_size))
 
-  def run(self, params) -> dict:
+  def run(self, params, step: int | None = None) -> dict:
     img, txt = self.embed(params)
     return {f"retrieval/{k}": v for k, v in
             recall_at_k(img, txt, self.text_image, self.ks).items()}

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm_jax.evaluators.encoder import Encoder, normalize
+from vlm_jax.evaluators.encoder import Encoder
+from vlm_jax.numeric import normalize
 
 __all__ = ["Encoder", "class_embeddings", "top1", "ZeroShotEvaluator"]
 
-_normalize = normalize  # kept for callers of the old private name
 
 
 def class_embeddings(encoder: Encoder, params, tokenizer, classnames: Sequence[str],
@@ -57,7 +57,9 @@ class ZeroShotEvaluator:
 
   name = "zeroshot"
 
-  def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None, encoder=None):
+  def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None, encoder=None,
+               workdir=None):
+    del workdir  # writes no files
     from vlm_jax.data import pipeline, tokenizers  # pylint: disable=import-outside-toplevel
     zcfg = config.evals.zeroshot
     self.batch_size = int(zcfg.get("batch_size", 256))
@@ -74,6 +76,6 @@ class ZeroShotEvaluator:
                               batch_size=self.batch_size)
     return np.argmax(normalize(img) @ cls.T, axis=-1)
 
-  def run(self, params) -> dict:
+  def run(self, params, step: int | None = None) -> dict:
     pred = self.predict(params)
     return {"zeroshot/top1": float(np.mean(pred == np.asarray(self.data["labels"])))}
