@@ -1,8 +1,45 @@
-"""Loads recipes from configs/ the way ``--config configs/NAME.py:ARG`` does."""
+"""Loads recipes from configs/ the way ``--config configs/NAME.py:ARG`` does; the
+environment for programs that tests start as a user would (``subprocess_env``)."""
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA's CPU backend optimisations off: compiling, not running, is what tests wait for.
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+# Programs started by tests (training runs, the notebook, README snippets) share a
+# persistent compilation cache, one per test process: a killed run and its resume
+# compile the same step once. Entries are keyed by the program and the XLA flags.
+_XLA_CACHE = None
+
+
+def _xla_cache() -> str:
+  global _XLA_CACHE
+  if _XLA_CACHE is None:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="vlm_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  return _XLA_CACHE
+
+
+def subprocess_env(devices: int = 1, **extra) -> dict:
+  """os.environ for a child process: ``devices`` CPU devices (1: like a laptop), the
+  repository on PYTHONPATH, fast compiles and the shared compilation cache."""
+  env = dict(os.environ)
+  flags = FAST_XLA_FLAGS
+  if devices > 1:
+    flags += f" --xla_force_host_platform_device_count={devices}"
+  env.update({
+      "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+      "JAX_COMPILATION_CACHE_DIR": _xla_cache(),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  })
+  env.update(extra)
+  return env
 
 
 def get_config(name: str, arg: str | None = None):

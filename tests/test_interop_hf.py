@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from recipes import subprocess_env
 
 torch = pytest.importorskip("torch")
 tr = pytest.importorskip("transformers")
@@ -418,7 +419,7 @@ def test_load_and_save_do_not_import_torch(siglip_dir, tmp_path):
         "hf.image_features(model, variables, np.zeros((1, 3, 32, 32), np.float32))\n"
         "hf.text_features(model, variables, np.zeros((1, 8), np.int32), np.ones((1, 8)))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

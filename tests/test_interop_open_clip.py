@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from recipes import subprocess_env
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
@@ -243,7 +244,7 @@ def test_safetensors_load_does_not_import_torch(rn_tiny, tmp_path):
             "from vlm_jax.interop import open_clip as oc\n"
             f"m, v = oc.load('RN50', {str(tmp_path / 'm.safetensors')!r})\n"
             "print(sorted(v))")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

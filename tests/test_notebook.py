@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from recipes import ROOT, get_config
+from recipes import ROOT, get_config, subprocess_env
 from vlm_jax import train
 
 NOTEBOOK = os.path.join(ROOT, "experiments", "eval_checkpoint.ipynb")
@@ -33,8 +33,9 @@ def test_eval_notebook_runs_on_a_checkpoint(tmp_path, monkeypatch):
   jupyter = str(tmp_path / "jupyter")
   _kernelspec(jupyter, {
       "VLM_JAX_WORKDIR": workdir, "VLM_JAX_NOTEBOOK_OUT": out_dir,
-      "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # one CPU device, like a laptop
-      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+      **{k: v for k, v in subprocess_env().items()  # one CPU device, like a laptop
+         if k in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH", "JAX_COMPILATION_CACHE_DIR",
+                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")},
   })
   monkeypatch.setenv("JUPYTER_PATH", jupyter)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes import ROOT, get_config, override
+from recipes import ROOT, get_config, override, subprocess_env
 from vlm_jax import checkpoint, config_util, models, optim, parallel, tasks, train
 from vlm_jax.data import pipeline
 
@@ -24,10 +24,7 @@ def _tiny(**overrides):
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # one CPU device, like a user's laptop
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return subprocess_env()  # one CPU device, like a user's laptop
 
 
 def _run(args, **kw):
@@ -203,8 +200,7 @@ def test_malformed_value_is_an_error_that_names_the_key(tmp_path):
 
 def test_mesh_and_sharding_rules_can_be_overridden_on_the_command_line(tmp_path):
   workdir = str(tmp_path / "run")
-  env = _env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env = subprocess_env(devices=4)
   proc = subprocess.run(
       [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py:runlocal",
        "--workdir", workdir, "--config.total_steps=2", "--config.log_every=1",

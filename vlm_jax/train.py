@@ -293,7 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # Losses are read without stalling the device every step: at each log,
       # eval and checkpoint step, so no checkpoint ever holds a NaN state.
       pending.append((step, metrics["train/loss"]))
-      saving = periodic(config.checkpoint_every, step) or stop.received
+      # A signal read once per step: one arriving after this point stops the next step.
+      stopping = stop.received
+      saving = periodic(config.checkpoint_every, step) or stopping
       if saving or periodic(config.log_every, step) or periodic(config.eval_every, step):
         for s, value in pending:
           if not math.isfinite(float(value)):
@@ -333,8 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if saving:
         ckpt.save(step, state, data_iter.get_state(), metrics=eval_metrics or None)
-      if stop.received:
-        print(f"Received signal {stop.received}: saved a checkpoint at step {step}, exiting.",
+      if stopping:
+        print(f"Received signal {stopping}: saved a checkpoint at step {step}, exiting.",
               flush=True)
         break
   finally:
