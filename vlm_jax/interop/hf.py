@@ -29,14 +29,12 @@ position_embedding is zero, which gives the same outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
-import struct
 import warnings
-from typing import Callable, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -46,6 +44,9 @@ import numpy as np
 
 from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, flatten, unflatten
+from vlm_jax.interop.torch_layout import (  # noqa: F401  (read_safetensors: public here too)
+    T, Rule, add_batch, attention, drop_batch, layernorm, linear, one, packed_attention,
+    read_safetensors, write_safetensors)
 from vlm_jax.models import layers
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import TwoTower
@@ -94,67 +95,6 @@ HF_DEFAULTS = {
 _ARCH_NAMES = {"siglip": "SiglipModel", "clip": "CLIPModel", "siglip2": "Siglip2Model"}
 # Buffers older transformers versions wrote into checkpoints; they carry no weights.
 _IGNORED_SUFFIXES = ("position_ids",)
-
-
-# ---------------------------------------------------------------- safetensors I/O
-
-def _safetensors_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is neither a directory nor a .safetensors file")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    found = sorted(os.listdir(path))
-    raise FileNotFoundError(
-        f"{path} has no model.safetensors or model.safetensors.index.json (found: {found}); "
-        "re-save the model with transformers' save_pretrained(safe_serialization=True)")
-
-
-def _read_raw(file: str, key: str, dtype) -> np.ndarray:
-    """One tensor straight from the safetensors layout (for dtypes numpy lacks, e.g. BF16)."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(n))[key]
-        start, end = info["data_offsets"]
-        f.seek(8 + n + start)
-        buf = f.read(end - start)
-    return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a save_pretrained directory (single file or shards) or one file.
-
-    Floating tensors come back as float32 numpy arrays (bf16/f16 are widened).
-    """
-    import ml_dtypes
-    from safetensors import safe_open
-
-    out = {}
-    for file in _safetensors_files(path):
-        with safe_open(file, framework="np") as f:
-            for k in f.keys():
-                dt = f.get_slice(k).get_dtype()
-                if dt == "BF16":
-                    x = _read_raw(file, k, ml_dtypes.bfloat16)
-                else:
-                    x = f.get_tensor(k)
-                if np.issubdtype(x.dtype, np.floating) or dt == "BF16":
-                    x = np.asarray(x, np.float32)
-                out[k] = x
-    return out
-
-
-def _write_safetensors(tensors: Mapping[str, np.ndarray], file: str) -> None:
-    from safetensors.numpy import save_file
-    save_file({k: np.asarray(v, np.float32, order="C") for k, v in tensors.items()}, file,
-              metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------- configs
@@ -359,134 +299,55 @@ def hf_config(model: TwoTower, *, num_channels: int = 3, bos_token_id: int | Non
 
 # ---------------------------------------------------------------- weight layout
 
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    """transformers keys ``hf`` <-> our '/'-joined paths ``ours`` (lists in, lists out)."""
-    hf: tuple[str, ...]
-    ours: tuple[str, ...]
-    to_ours: Callable[[list], list]
-    to_hf: Callable[[list], list]
-
-
-def _one(hf: str, ours: str, f=lambda x: x, g=lambda x: x) -> _Rule:
-    return _Rule((hf,), (ours,), lambda xs: [f(xs[0])], lambda ys: [g(ys[0])])
-
-
-_T = np.transpose
-
-
-def _linear(hf: str, ours: str, bias: bool = True) -> list[_Rule]:
-    rules = [_one(f"{hf}.weight", f"{ours}/kernel", _T, _T)]
-    if bias:
-        rules.append(_one(f"{hf}.bias", f"{ours}/bias"))
-    return rules
-
-
-def _layernorm(hf: str, ours: str) -> list[_Rule]:
-    return [_one(f"{hf}.weight", f"{ours}/scale"), _one(f"{hf}.bias", f"{ours}/bias")]
-
-
-def _qkv_kernel(heads):  # [D_out, D_in] <-> [D_in, H, Dh]
-    return (lambda w: w.T.reshape(w.shape[1], heads, -1),
-            lambda k: k.reshape(k.shape[0], -1).T)
-
-
-def _qkv_bias(heads):
-    return lambda b: b.reshape(heads, -1), lambda b: b.reshape(-1)
-
-
-def _out_kernel(heads):  # [D, H*Dh] <-> [H, Dh, D]
-    return (lambda w: w.T.reshape(heads, -1, w.shape[0]),
-            lambda k: k.reshape(-1, k.shape[-1]).T)
-
-
-def _attention(hf: str, ours: str, heads: int) -> list[_Rule]:
-    rules = []
-    for t, n in (("q", "query"), ("k", "key"), ("v", "value")):
-        rules.append(_one(f"{hf}.{t}_proj.weight", f"{ours}/{n}/kernel", *_qkv_kernel(heads)))
-        rules.append(_one(f"{hf}.{t}_proj.bias", f"{ours}/{n}/bias", *_qkv_bias(heads)))
-    rules.append(_one(f"{hf}.out_proj.weight", f"{ours}/out/kernel", *_out_kernel(heads)))
-    rules.append(_one(f"{hf}.out_proj.bias", f"{ours}/out/bias"))
-    return rules
-
-
-def _encoder(hf: str, ours: str, depth: int, heads: int) -> list[_Rule]:
+def _encoder(hf: str, ours: str, depth: int, heads: int) -> list[Rule]:
     rules = []
     for i in range(depth):
         h, o = f"{hf}.layers.{i}", f"{ours}/encoderblock_{i}"
-        rules += _layernorm(f"{h}.layer_norm1", f"{o}/LayerNorm_0")
-        rules += _attention(f"{h}.self_attn", f"{o}/MultiHeadDotProductAttention_0", heads)
-        rules += _layernorm(f"{h}.layer_norm2", f"{o}/LayerNorm_1")
-        rules += _linear(f"{h}.mlp.fc1", f"{o}/MlpBlock_0/Dense_0")
-        rules += _linear(f"{h}.mlp.fc2", f"{o}/MlpBlock_0/Dense_1")
+        rules += layernorm(f"{h}.layer_norm1", f"{o}/LayerNorm_0")
+        rules += attention(f"{h}.self_attn", f"{o}/MultiHeadDotProductAttention_0", heads)
+        rules += layernorm(f"{h}.layer_norm2", f"{o}/LayerNorm_1")
+        rules += linear(f"{h}.mlp.fc1", f"{o}/MlpBlock_0/Dense_0")
+        rules += linear(f"{h}.mlp.fc2", f"{o}/MlpBlock_0/Dense_1")
     return rules
 
 
-def _map_head(hf: str, ours: str, heads: int) -> list[_Rule]:
-    """torch.nn.MultiheadAttention packs q/k/v into one in_proj."""
-    fk, gk = _qkv_kernel(heads)
-    fb, gb = _qkv_bias(heads)
-    names = [f"{ours}/MultiHeadDotProductAttention_0/{n}/{p}"
-             for n in ("query", "key", "value") for p in ("kernel", "bias")]
-
-    def to_ours(xs):
-        w, b = xs
-        out = []
-        for wi, bi in zip(np.split(w, 3, axis=0), np.split(b, 3, axis=0)):
-            out += [fk(wi), fb(bi)]
-        return out
-
-    def to_hf(ys):
-        return [np.concatenate([gk(k) for k in ys[0::2]], axis=0),
-                np.concatenate([gb(b) for b in ys[1::2]], axis=0)]
-
-    rules = [_Rule((f"{hf}.attention.in_proj_weight", f"{hf}.attention.in_proj_bias"),
-                   tuple(names), to_ours, to_hf),
-             _one(f"{hf}.attention.out_proj.weight",
-                  f"{ours}/MultiHeadDotProductAttention_0/out/kernel", *_out_kernel(heads)),
-             _one(f"{hf}.attention.out_proj.bias", f"{ours}/MultiHeadDotProductAttention_0/out/bias"),
-             _one(f"{hf}.probe", f"{ours}/probe")]
-    rules += _layernorm(f"{hf}.layernorm", f"{ours}/LayerNorm_0")
-    rules += _linear(f"{hf}.mlp.fc1", f"{ours}/MlpBlock_0/Dense_0")
-    rules += _linear(f"{hf}.mlp.fc2", f"{ours}/MlpBlock_0/Dense_1")
+def _map_head(hf: str, ours: str, heads: int) -> list[Rule]:
+    """The MAP head's torch.nn.MultiheadAttention packs q/k/v into one in_proj."""
+    rules = packed_attention(f"{hf}.attention", f"{ours}/MultiHeadDotProductAttention_0", heads)
+    rules.append(one(f"{hf}.probe", f"{ours}/probe"))
+    rules += layernorm(f"{hf}.layernorm", f"{ours}/LayerNorm_0")
+    rules += linear(f"{hf}.mlp.fc1", f"{ours}/MlpBlock_0/Dense_0")
+    rules += linear(f"{hf}.mlp.fc2", f"{ours}/MlpBlock_0/Dense_1")
     return rules
 
 
-def _add_batch(x):
-    return x[None]
-
-
-def _drop_batch(x):
-    return x[0]
-
-
-def _rules(kind: str, model: TwoTower) -> list[_Rule]:
+def _rules(kind: str, model: TwoTower) -> list[Rule]:
     """Every tensor correspondence for ``model`` laid out as transformers' ``kind``."""
     img, txt = model.image, model.text
     v, t = "vision_model", "text_model"
     if kind == "siglip2":  # NaFlex: Linear on flattened (row, col, channel) patches
-        patch = (_T, _T)
+        patch = (T, T)
     else:  # Conv2d [D, C, p, p] <-> [p, p, C, D]
         patch = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
     rules = [
-        _one(f"{v}.embeddings.patch_embedding.weight", "img/embedding/kernel", *patch),
+        one(f"{v}.embeddings.patch_embedding.weight", "img/embedding/kernel", *patch),
         *_encoder(f"{v}.encoder", "img/Transformer", img.depth, img.num_heads),
-        *_layernorm(f"{v}.post_layernorm", "img/Transformer/encoder_norm"),
-        _one(f"{t}.embeddings.token_embedding.weight", "txt/Embed_0/embedding"),
-        _one(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding",
-             _add_batch, _drop_batch),
+        *layernorm(f"{v}.post_layernorm", "img/Transformer/encoder_norm"),
+        one(f"{t}.embeddings.token_embedding.weight", "txt/Embed_0/embedding"),
+        one(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding",
+             add_batch, drop_batch),
         *_encoder(f"{t}.encoder", "txt/Transformer", txt.depth, txt.num_heads),
-        *_layernorm(f"{t}.final_layer_norm", "txt/Transformer/encoder_norm"),
+        *layernorm(f"{t}.final_layer_norm", "txt/Transformer/encoder_norm"),
     ]
     if kind in ("siglip", "siglip2"):
         rules += [
-            _one(f"{v}.embeddings.patch_embedding.bias", "img/embedding/bias"),
-            _one(f"{v}.embeddings.position_embedding.weight", "img/pos_embedding",
-                 _add_batch, _drop_batch),
+            one(f"{v}.embeddings.patch_embedding.bias", "img/embedding/bias"),
+            one(f"{v}.embeddings.position_embedding.weight", "img/pos_embedding",
+                 add_batch, drop_batch),
             *_map_head(f"{v}.head", "img/MAPHead_0", img.num_heads),
-            *_linear(f"{t}.head", "txt/head"),
-            _one("logit_scale", "t"),
-            _one("logit_bias", "b"),
+            *linear(f"{t}.head", "txt/head"),
+            one("logit_scale", "t"),
+            one("logit_bias", "b"),
         ]
     elif kind == "clip":
         def cls_to_ours(xs):
@@ -498,12 +359,12 @@ def _rules(kind: str, model: TwoTower) -> list[_Rule]:
             return [cls.reshape(-1), np.concatenate([np.zeros_like(pe[0, :1]), pe[0]], axis=0)]
 
         rules += [
-            _Rule((f"{v}.embeddings.class_embedding", f"{v}.embeddings.position_embedding.weight"),
+            Rule((f"{v}.embeddings.class_embedding", f"{v}.embeddings.position_embedding.weight"),
                   ("img/cls", "img/pos_embedding"), cls_to_ours, cls_to_hf),
-            *_layernorm(f"{v}.pre_layrnorm", "img/pre_norm"),
-            *_linear("visual_projection", "img/head", bias=False),
-            *_linear("text_projection", "txt/head", bias=False),
-            _one("logit_scale", "t", lambda x: np.reshape(x, (1,)), lambda y: np.reshape(y, ())),
+            *layernorm(f"{v}.pre_layrnorm", "img/pre_norm"),
+            *linear("visual_projection", "img/head", bias=False),
+            *linear("text_projection", "txt/head", bias=False),
+            one("logit_scale", "t", lambda x: np.reshape(x, (1,)), lambda y: np.reshape(y, ())),
         ]
     else:
         raise NotImplementedError(f"no weight layout for {kind!r}")
@@ -620,7 +481,7 @@ def save(model: TwoTower, variables: Mapping, path: str, **token_ids) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
-    _write_safetensors(tensors, os.path.join(path, "model.safetensors"))
+    write_safetensors(tensors, os.path.join(path, "model.safetensors"))
     return path
 
 

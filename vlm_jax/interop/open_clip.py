@@ -71,8 +71,9 @@ import numpy as np
 
 from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, flatten, unflatten
-from vlm_jax.interop.hf import (_Rule, _layernorm, _linear, _one, _out_kernel, _qkv_bias,
-                                _qkv_kernel, read_safetensors)
+from vlm_jax.interop.torch_layout import (Rule, add_batch, layernorm, linear, one,
+                                          out_kernel, packed_attention, qkv_bias, qkv_kernel,
+                                          read_safetensors)
 from vlm_jax.models import clip_resnet
 from vlm_jax.models.two_tower import TwoTower
 
@@ -277,58 +278,31 @@ def model_config(name: str, tensors: Mapping[str, np.ndarray], *, image_size=Non
 
 # ---------------------------------------------------------------- weight layout
 
-def _conv(src: str, ours: str) -> _Rule:
-    return _one(f"{src}.weight", f"params/{ours}/kernel",
+def _conv(src: str, ours: str) -> Rule:
+    return one(f"{src}.weight", f"params/{ours}/kernel",
                 lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
 
 
-def _bn(src: str, ours: str) -> list[_Rule]:
-    return [_one(f"{src}.weight", f"params/{ours}/scale"),
-            _one(f"{src}.bias", f"params/{ours}/bias"),
-            _one(f"{src}.running_mean", f"batch_stats/{ours}/mean"),
-            _one(f"{src}.running_var", f"batch_stats/{ours}/var")]
+def _bn(src: str, ours: str) -> list[Rule]:
+    return [one(f"{src}.weight", f"params/{ours}/scale"),
+            one(f"{src}.bias", f"params/{ours}/bias"),
+            one(f"{src}.running_mean", f"batch_stats/{ours}/mean"),
+            one(f"{src}.running_var", f"batch_stats/{ours}/var")]
 
 
-def _packed_attention(src: str, ours: str, heads: int) -> list[_Rule]:
-    """torch nn.MultiheadAttention: in_proj [3D, D] holds q, k, v stacked on the output axis."""
-    fk, gk = _qkv_kernel(heads)
-    fb, gb = _qkv_bias(heads)
-    names = [f"{ours}/{n}/{p}" for n in ("query", "key", "value") for p in ("kernel", "bias")]
-
-    def to_ours(xs):
-        w, b = xs
-        out = []
-        for wi, bi in zip(np.split(w, 3, axis=0), np.split(b, 3, axis=0)):
-            out += [fk(wi), fb(bi)]
-        return out
-
-    def to_torch(ys):
-        return [np.concatenate([gk(k) for k in ys[0::2]], 0),
-                np.concatenate([gb(b) for b in ys[1::2]], 0)]
-
-    return [_Rule((f"{src}.in_proj_weight", f"{src}.in_proj_bias"), tuple(names), to_ours,
-                  to_torch),
-            _one(f"{src}.out_proj.weight", f"{ours}/out/kernel", *_out_kernel(heads)),
-            _one(f"{src}.out_proj.bias", f"{ours}/out/bias")]
-
-
-def _transformer(src: str, ours: str, depth: int, heads: int) -> list[_Rule]:
+def _transformer(src: str, ours: str, depth: int, heads: int) -> list[Rule]:
     rules = []
     for i in range(depth):
         h, o = f"{src}.resblocks.{i}", f"params/{ours}/encoderblock_{i}"
-        rules += _layernorm(f"{h}.ln_1", f"{o}/LayerNorm_0")
-        rules += _packed_attention(f"{h}.attn", f"{o}/MultiHeadDotProductAttention_0", heads)
-        rules += _layernorm(f"{h}.ln_2", f"{o}/LayerNorm_1")
-        rules += _linear(f"{h}.mlp.c_fc", f"{o}/MlpBlock_0/Dense_0")
-        rules += _linear(f"{h}.mlp.c_proj", f"{o}/MlpBlock_0/Dense_1")
+        rules += layernorm(f"{h}.ln_1", f"{o}/LayerNorm_0")
+        rules += packed_attention(f"{h}.attn", f"{o}/MultiHeadDotProductAttention_0", heads)
+        rules += layernorm(f"{h}.ln_2", f"{o}/LayerNorm_1")
+        rules += linear(f"{h}.mlp.c_fc", f"{o}/MlpBlock_0/Dense_0")
+        rules += linear(f"{h}.mlp.c_proj", f"{o}/MlpBlock_0/Dense_1")
     return rules
 
 
-def _add_batch(x):
-    return x[None]
-
-
-def _resnet_rules(img: clip_resnet.ClipModifiedResNet) -> list[_Rule]:
+def _resnet_rules(img: clip_resnet.ClipModifiedResNet) -> list[Rule]:
     rules = []
     for i in range(3):
         rules += [_conv(f"visual.conv{i + 1}", f"img/stem_conv_{i}"),
@@ -343,17 +317,17 @@ def _resnet_rules(img: clip_resnet.ClipModifiedResNet) -> list[_Rule]:
                 rules += [_conv(f"{src}.downsample.0", f"{ours}/downsample_conv"),
                           *_bn(f"{src}.downsample.1", f"{ours}/downsample_bn")]
     a, o, heads = "visual.attnpool", "params/img/attnpool", img.heads
-    rules.append(_one(f"{a}.positional_embedding", f"{o}/pos_embedding", _add_batch,
+    rules.append(one(f"{a}.positional_embedding", f"{o}/pos_embedding", add_batch,
                       lambda y: y[0]))
     for t, n in (("q", "query"), ("k", "key"), ("v", "value")):
-        rules.append(_one(f"{a}.{t}_proj.weight", f"{o}/{n}/kernel", *_qkv_kernel(heads)))
-        rules.append(_one(f"{a}.{t}_proj.bias", f"{o}/{n}/bias", *_qkv_bias(heads)))
-    rules.append(_one(f"{a}.c_proj.weight", f"{o}/out/kernel", *_out_kernel(heads)))
-    rules.append(_one(f"{a}.c_proj.bias", f"{o}/out/bias"))
+        rules.append(one(f"{a}.{t}_proj.weight", f"{o}/{n}/kernel", *qkv_kernel(heads)))
+        rules.append(one(f"{a}.{t}_proj.bias", f"{o}/{n}/bias", *qkv_bias(heads)))
+    rules.append(one(f"{a}.c_proj.weight", f"{o}/out/kernel", *out_kernel(heads)))
+    rules.append(one(f"{a}.c_proj.bias", f"{o}/out/bias"))
     return rules
 
 
-def _vit_rules(img) -> list[_Rule]:
+def _vit_rules(img) -> list[Rule]:
     def cls_to_ours(xs):
         c, pe = xs
         return [(c + pe[0])[None, None], pe[1:][None]]
@@ -364,29 +338,29 @@ def _vit_rules(img) -> list[_Rule]:
 
     return [
         _conv("visual.conv1", "img/embedding"),
-        _Rule(("visual.class_embedding", "visual.positional_embedding"),
+        Rule(("visual.class_embedding", "visual.positional_embedding"),
               ("params/img/cls", "params/img/pos_embedding"), cls_to_ours, cls_to_torch),
-        *_layernorm("visual.ln_pre", "params/img/pre_norm"),
+        *layernorm("visual.ln_pre", "params/img/pre_norm"),
         *_transformer("visual.transformer", "img/Transformer", img.depth, img.num_heads),
-        *_layernorm("visual.ln_post", "params/img/Transformer/encoder_norm"),
-        _one("visual.proj", "params/img/head/kernel"),  # already [in, out]: used as x @ proj
+        *layernorm("visual.ln_post", "params/img/Transformer/encoder_norm"),
+        one("visual.proj", "params/img/head/kernel"),  # already [in, out]: used as x @ proj
     ]
 
 
-def _rules(model: TwoTower) -> list[_Rule]:
+def _rules(model: TwoTower) -> list[Rule]:
     img, txt = model.image, model.text
     is_resnet = isinstance(img, clip_resnet.ClipModifiedResNet)
     rules = _resnet_rules(img) if is_resnet else _vit_rules(img)
     rules += [
-        _one("token_embedding.weight", "params/txt/Embed_0/embedding"),
-        _one("positional_embedding", "params/txt/pos_embedding", _add_batch, lambda y: y[0]),
+        one("token_embedding.weight", "params/txt/Embed_0/embedding"),
+        one("positional_embedding", "params/txt/pos_embedding", add_batch, lambda y: y[0]),
         *_transformer("transformer", "txt/Transformer", txt.depth, txt.num_heads),
-        *_layernorm("ln_final", "params/txt/Transformer/encoder_norm"),
-        _one("text_projection", "params/txt/head/kernel"),
-        _one("logit_scale", "params/t", lambda x: np.reshape(x, (1,)), lambda y: np.reshape(y, ())),
+        *layernorm("ln_final", "params/txt/Transformer/encoder_norm"),
+        one("text_projection", "params/txt/head/kernel"),
+        one("logit_scale", "params/t", lambda x: np.reshape(x, (1,)), lambda y: np.reshape(y, ())),
     ]
     if model.bias_init is not None:
-        rules.append(_one("logit_bias", "params/b", lambda x: np.reshape(x, (1,)),
+        rules.append(one("logit_bias", "params/b", lambda x: np.reshape(x, (1,)),
                           lambda y: np.reshape(y, ())))
     return rules
 

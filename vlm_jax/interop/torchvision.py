@@ -193,7 +193,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, np.ndarray
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such checkpoint file")
         if path.endswith(".safetensors"):
-            from vlm_jax.interop.hf import read_safetensors  # numpy API; bf16 widened
+            from vlm_jax.interop.torch_layout import read_safetensors  # numpy API; bf16 widened
             source = read_safetensors(path)
         elif path.endswith((".pth", ".pt", ".bin")):
             import torch  # only this path needs torch

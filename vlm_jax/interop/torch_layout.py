@@ -1,0 +1,170 @@
+"""The PyTorch world's tensor layouts, shared by the importers of torch checkpoints
+(``hf``, ``open_clip``, ``torchvision``): safetensors I/O without torch, and rules
+that map torch state-dict keys to our '/'-joined parameter paths, both ways.
+
+    torch Linear weight [out, in]        -> Dense kernel [in, out] (transpose)
+    q/k/v_proj weight [D, D]             -> attention query/key/value kernel [D, H, Dh]; bias [H, Dh]
+    nn.MultiheadAttention in_proj [3D, D] -> query / key / value (split in three)
+    out_proj weight [D, D]               -> attention out kernel [H, Dh, D]
+    LayerNorm weight / bias              -> scale / bias
+
+A ``Rule`` maps a list of torch tensors to a list of ours (``to_ours``) and back
+(``to_torch``), so one rule can split or merge tensors (packed q/k/v).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The .safetensors files of a save_pretrained directory (single or sharded) or ``path``."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is neither a directory nor a .safetensors file")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    found = sorted(os.listdir(path))
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors or model.safetensors.index.json (found: {found}); "
+        "re-save the model with transformers' save_pretrained(safe_serialization=True)")
+
+
+def _read_raw(file: str, key: str, dtype) -> np.ndarray:
+    """One tensor straight from the safetensors layout (for dtypes numpy lacks, e.g. BF16)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(n))[key]
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        buf = f.read(end - start)
+    return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a save_pretrained directory (single file or shards) or one file.
+
+    Floating tensors come back as float32 numpy arrays (bf16/f16 are widened).
+    """
+    import ml_dtypes
+    from safetensors import safe_open
+
+    out = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="np") as f:
+            for k in f.keys():
+                dt = f.get_slice(k).get_dtype()
+                if dt == "BF16":
+                    x = _read_raw(file, k, ml_dtypes.bfloat16)
+                else:
+                    x = f.get_tensor(k)
+                if np.issubdtype(x.dtype, np.floating) or dt == "BF16":
+                    x = np.asarray(x, np.float32)
+                out[k] = x
+    return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], file: str) -> None:
+    from safetensors.numpy import save_file
+    save_file({k: np.asarray(v, np.float32, order="C") for k, v in tensors.items()}, file,
+              metadata={"format": "pt"})
+
+
+
+# ---------------------------------------------------------------- rules
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """torch keys ``hf`` <-> our '/'-joined paths ``ours`` (lists in, lists out)."""
+    hf: tuple[str, ...]
+    ours: tuple[str, ...]
+    to_ours: Callable[[list], list]
+    to_hf: Callable[[list], list]
+
+
+def one(hf: str, ours: str, f=lambda x: x, g=lambda x: x) -> Rule:
+    return Rule((hf,), (ours,), lambda xs: [f(xs[0])], lambda ys: [g(ys[0])])
+
+
+T = np.transpose
+
+
+def linear(hf: str, ours: str, bias: bool = True) -> list[Rule]:
+    rules = [one(f"{hf}.weight", f"{ours}/kernel", T, T)]
+    if bias:
+        rules.append(one(f"{hf}.bias", f"{ours}/bias"))
+    return rules
+
+
+def layernorm(hf: str, ours: str) -> list[Rule]:
+    return [one(f"{hf}.weight", f"{ours}/scale"), one(f"{hf}.bias", f"{ours}/bias")]
+
+
+def qkv_kernel(heads):  # [D_out, D_in] <-> [D_in, H, Dh]
+    return (lambda w: w.T.reshape(w.shape[1], heads, -1),
+            lambda k: k.reshape(k.shape[0], -1).T)
+
+
+def qkv_bias(heads):
+    return lambda b: b.reshape(heads, -1), lambda b: b.reshape(-1)
+
+
+def out_kernel(heads):  # [D, H*Dh] <-> [H, Dh, D]
+    return (lambda w: w.T.reshape(heads, -1, w.shape[0]),
+            lambda k: k.reshape(-1, k.shape[-1]).T)
+
+
+def attention(hf: str, ours: str, heads: int) -> list[Rule]:
+    """Separate q/k/v/out projections (transformers' attention modules)."""
+    rules = []
+    for t, n in (("q", "query"), ("k", "key"), ("v", "value")):
+        rules.append(one(f"{hf}.{t}_proj.weight", f"{ours}/{n}/kernel", *qkv_kernel(heads)))
+        rules.append(one(f"{hf}.{t}_proj.bias", f"{ours}/{n}/bias", *qkv_bias(heads)))
+    rules.append(one(f"{hf}.out_proj.weight", f"{ours}/out/kernel", *out_kernel(heads)))
+    rules.append(one(f"{hf}.out_proj.bias", f"{ours}/out/bias"))
+    return rules
+
+
+def packed_attention(src: str, ours: str, heads: int) -> list[Rule]:
+    """torch nn.MultiheadAttention: ``in_proj`` [3D, D] holds q, k, v stacked on the
+    output axis -> our query / key / value kernels [D, H, Dh] and biases [H, Dh]."""
+    fk, gk = qkv_kernel(heads)
+    fb, gb = qkv_bias(heads)
+    names = [f"{ours}/{n}/{p}" for n in ("query", "key", "value") for p in ("kernel", "bias")]
+
+    def to_ours(xs):
+        w, b = xs
+        out = []
+        for wi, bi in zip(np.split(w, 3, axis=0), np.split(b, 3, axis=0)):
+            out += [fk(wi), fb(bi)]
+        return out
+
+    def to_torch(ys):
+        return [np.concatenate([gk(k) for k in ys[0::2]], axis=0),
+                np.concatenate([gb(b) for b in ys[1::2]], axis=0)]
+
+    return [Rule((f"{src}.in_proj_weight", f"{src}.in_proj_bias"), tuple(names), to_ours,
+                 to_torch),
+            one(f"{src}.out_proj.weight", f"{ours}/out/kernel", *out_kernel(heads)),
+            one(f"{src}.out_proj.bias", f"{ours}/out/bias")]
+
+
+def add_batch(x):
+    return x[None]
+
+
+def drop_batch(x):
+    return x[0]
