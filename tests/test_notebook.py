@@ -1,4 +1,4 @@
-"""experiments/eval_checkpoint.ipynb runs top to bottom on a tiny training run."""
+"""The notebooks in experiments/ run top to bottom on a tiny training run."""
 import json
 import os
 import sys
@@ -8,7 +8,8 @@ import pytest
 from recipes import ROOT, get_config, subprocess_env
 from vlm_jax import train
 
-NOTEBOOK = os.path.join(ROOT, "experiments", "eval_checkpoint.ipynb")
+EVAL_NOTEBOOK = os.path.join(ROOT, "experiments", "eval_checkpoint.ipynb")
+TOKENIZER_NOTEBOOK = os.path.join(ROOT, "experiments", "tokenizer_demo.ipynb")
 
 
 def _kernelspec(jupyter_dir, env):
@@ -20,15 +21,24 @@ def _kernelspec(jupyter_dir, env):
                "display_name": "Python 3 (vlm_jax tests)", "language": "python", "env": env}, f)
 
 
-def test_eval_notebook_runs_on_a_checkpoint(tmp_path, monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """The runlocal shapes demo trained for 3 steps in-process, shared by the notebooks."""
+  pytest.importorskip("nbformat")
+  pytest.importorskip("nbclient")
+  path = str(tmp_path_factory.mktemp("notebook") / "run")
   c = get_config("siglip_shapes", "runlocal")
   c.data.num_threads = 0
   c.total_steps, c.checkpoint_every, c.eval_every, c.log_every = 3, 3, 0, 0
-  train.train_and_evaluate(c, workdir)
+  train.train_and_evaluate(c, path)
+  return path
 
+
+def _execute(notebook, workdir, tmp_path, monkeypatch):
+  """Runs ``notebook`` on ``workdir`` in a fresh kernel; returns (code cell outputs,
+  the stdout text, the figure folder)."""
+  import nbclient  # pylint: disable=import-outside-toplevel
+  import nbformat  # pylint: disable=import-outside-toplevel
   out_dir = str(tmp_path / "figures")
   jupyter = str(tmp_path / "jupyter")
   _kernelspec(jupyter, {
@@ -39,17 +49,35 @@ def test_eval_notebook_runs_on_a_checkpoint(tmp_path, monkeypatch):
   })
   monkeypatch.setenv("JUPYTER_PATH", jupyter)
 
-  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nb = nbformat.read(notebook, as_version=4)
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute()
-
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  return outputs, text, out_dir
+
+
+def _pngs(outputs):
+  return [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+
+
+def test_eval_notebook_runs_on_a_checkpoint(workdir, tmp_path, monkeypatch):
+  outputs, text, out_dir = _execute(EVAL_NOTEBOOK, workdir, tmp_path, monkeypatch)
   assert f"python {sys.executable}," in text
   assert "step 3," in text and "zero-shot top-1 on these 8 images" in text
   assert text.count("predicted ") == 8
   assert "zeroshot/top1" in text and "retrieval/i2t_r1" in text
-  pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-  assert len(pngs) == 2
+  assert len(_pngs(outputs)) == 2
   assert sorted(os.listdir(out_dir)) == ["similarity.png", "zeroshot_predictions.png"]
+
+
+def test_tokenizer_notebook_patchifies_packs_and_explains(workdir, tmp_path, monkeypatch):
+  outputs, text, out_dir = _execute(TOKENIZER_NOTEBOOK, workdir, tmp_path, monkeypatch)
+  # A 64 x 64 image in 8-pixel patches: 64 tokens of 8*8*3 values.
+  assert "grid (8, 8) -> tokens (64, 192), positions (64, 2)" in text
+  assert "segment_ids  int32 (" in text and "fill rate " in text
+  assert "step 3, image tower pool 'map'" in text
+  assert text.count("rollout (4, 4), similarity (4, 4)") == 3  # runlocal: 32 px / stride 8
+  assert len(_pngs(outputs)) == 3
+  assert sorted(os.listdir(out_dir)) == ["attention_maps.png", "packing.png", "patchify.png"]

@@ -44,6 +44,7 @@ Activations (``nn.with_logical_constraint``, a no-op without rules):
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -129,6 +130,23 @@ def attention(num_heads: int, *, dtype: Dtype, attention_fn: Callable | None = N
         deterministic=True, name=name)
 
 
+def sows_attention_weights(attention_fn: Callable | None) -> bool:
+    """Whether ``attention(..., attention_fn)`` layers can sow their probabilities.
+
+    Called with ``sow_weights=True``, flax's attention passes itself as ``module``
+    to the attention_fn, and ``nn.dot_product_attention`` sows the softmax
+    probabilities [B, H, Lq, Lk] as ``intermediates/attention_weights`` (free
+    unless "intermediates" is mutable). Hooks without a ``module`` argument
+    (fused kernels, wrappers) cannot receive it, so they are called as before.
+    """
+    fn = attention_fn or dot_product_attention_f32
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "module" in params
+
+
 class MlpBlock(nn.Module):
     """Transformer MLP: Dense(mlp_dim) -> act -> dropout -> Dense(D). [..., D] -> [..., D]."""
 
@@ -156,6 +174,8 @@ class Encoder1DBlock(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
     x [B, L, D] -> [B, L, D]. ``mask`` broadcastable to [B, H, L, L], True = attend.
+    With "intermediates" mutable, the attention probabilities [B, H, L, L] are sown
+    at ``MultiHeadDotProductAttention_0/attention_weights`` (see ``sows_attention_weights``).
     """
 
     mlp_dim: int
@@ -170,7 +190,7 @@ class Encoder1DBlock(nn.Module):
     def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
         y = layer_norm(eps=self.ln_eps, dtype=self.dtype)(x)
         y = attention(self.num_heads, dtype=self.dtype, attention_fn=self.attention_fn)(
-            y, y, mask=mask)
+            y, y, mask=mask, sow_weights=sows_attention_weights(self.attention_fn))
         y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         x = constrain(x + y, ("batch", "length", "embed"))
         y = layer_norm(eps=self.ln_eps, dtype=self.dtype)(x)
@@ -217,6 +237,7 @@ class MAPHead(nn.Module):
 
     x [B, L, D] -> [B, D]. ``probe`` [1, 1, D]; then y + MLP(LN(y)). ``mask``
     (optional, [B, L] bool or broadcastable to [B, H, 1, L]) hides padding tokens.
+    The probe's attention [B, H, 1, L] is sown like ``Encoder1DBlock``'s.
     """
 
     mlp_dim: int
@@ -235,7 +256,7 @@ class MAPHead(nn.Module):
         if mask is not None and mask.ndim == 2:
             mask = mask[:, None, None, :]
         y = attention(self.num_heads, dtype=self.dtype, attention_fn=self.attention_fn)(
-            probe, x, mask=mask)
+            probe, x, mask=mask, sow_weights=sows_attention_weights(self.attention_fn))
         z = layer_norm(eps=self.ln_eps, dtype=self.dtype)(y)
         y = y + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype)(z)
         return constrain(y[:, 0], ("batch", "embed"))
