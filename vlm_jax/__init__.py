@@ -2,7 +2,8 @@
 
 Subpackages: ``models`` (ViT, NaViT, CNNs, text, two-tower, classifier), ``losses``,
 ``data``, ``parallel``, ``checkpoint``, ``evaluators``, ``interop``, ``inference``,
-``tasks``.
+``tasks``, ``finetune``; programs ``train``, ``evaluate``, ``predict``, ``search``,
+``plot``; ``explain`` (heatmaps).
 
 ``import vlm_jax`` is cheap: each of these is imported on first use, so
 ``vlm_jax.checkpoint.load(...)`` works right after ``import vlm_jax``.
@@ -14,8 +15,9 @@ __version__ = "0.1.0"
 
 # Submodules reachable as attributes of the package, imported lazily (PEP 562).
 _SUBMODULES = frozenset({
-    "checkpoint", "config_util", "data", "evaluate", "evaluators", "inference", "interop",
-    "losses", "models", "numeric", "optim", "parallel", "tasks", "train",
+    "checkpoint", "config_util", "data", "evaluate", "evaluators", "explain", "finetune",
+    "inference", "interop", "logs", "losses", "models", "numeric", "optim", "parallel",
+    "plot", "predict", "search", "tasks", "train",
 })
 
 

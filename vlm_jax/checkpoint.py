@@ -212,12 +212,15 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
 
   Returns:
     LoadedCheckpoint with ``config`` (the run's config), ``model`` (the built
-    flax module), ``params`` (float32 jax arrays), ``step`` and ``mesh``.
+    flax module), ``params`` (float32 jax arrays; a LoRA run's factors merged
+    into their kernels, ``finetune.merge_lora``), ``step`` and ``mesh``.
   Raises:
     FileNotFoundError: no config.json or no checkpoint in ``workdir``.
     ValueError: no checkpoint at ``step``.
   """
-  from vlm_jax import models  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
+  from vlm_jax import finetune, models, parallel
 
   config = read_config(workdir)
   with _quiet_orbax():
@@ -234,9 +237,16 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
       raise ValueError(f"no checkpoint at step {step} in {workdir}; have {sorted(steps)}")
     model = models.build(config.model)
     variables = dict(models.abstract_variables(model, config))
+    lora = finetune.lora_rank(config) > 0
+    if lora:  # a LoRA run stores its factors beside their kernels
+      boxed = finetune.boxed_abstract(model, config)
+      variables = dict(nn.unbox(boxed))
     if mesh is None:
       one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       shardings = jax.tree.map(lambda _: one, variables)
+    elif lora:
+      shardings = parallel.logical_to_shardings(nn.get_partition_spec(boxed), mesh,
+                                                sharding_rules(config))
     else:
       shardings = variable_shardings(model, config, mesh)
     abstract = jax.tree.map(
@@ -254,6 +264,7 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
   finally:
     manager.close()
   state = restored["state"]
-  return LoadedCheckpoint(config=config, model=model, params=state["params"],
+  # A LoRA run's factors are merged into their kernels: plain weights of config.model.
+  return LoadedCheckpoint(config=config, model=model, params=finetune.merge_lora(state["params"]),
                           step=int(step), mesh=mesh,
                           model_state=dict(state.get("model_state") or {}))

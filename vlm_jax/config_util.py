@@ -90,6 +90,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sum(1 for _, size in mesh if size == -1) > 1:
     raise ValueError(f"config.mesh may have at most one axis of size -1: {mesh}")
   _validate_keep_best(config)
+  from vlm_jax import finetune  # pylint: disable=import-outside-toplevel
+  finetune.check_config(config)
 
 
 def _validate_keep_best(config) -> None:
@@ -116,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   misspelt key (``--config.batch_sise=8``) is an error that names it.
   """
   # pylint: disable=import-outside-toplevel
-  from vlm_jax import models, optim
+  from vlm_jax import finetune, models, optim
   from vlm_jax.data import config as data_config
   from vlm_jax.tasks import classification
 
@@ -152,4 +154,8 @@ def base_config() -> ml_collections.ConfigDict:
   # defaults (vlm_jax.parallel.DEFAULT_RULES). E.g. (("embed", "fsdp"), ("mlp", "tensor")).
   c.sharding_rules = ()
   c.mesh_axis_types = "auto"             # "auto" | "explicit"
+  # Starting from weights (init: a run's workdir, a transformers directory or a
+  # big_vision .npz; read only when the run starts fresh) and what trains
+  # (finetune: freeze regex, LoRA). See vlm_jax/finetune.py.
+  c.init, c.finetune = finetune.default_config()
   return c

@@ -59,8 +59,15 @@ def decay_mask(params, pattern: str):
   return jax.tree_util.tree_map_with_path(lambda p, _: bool(rx.search(_path_str(p))), params)
 
 
-def build(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (optax transformation, learning-rate schedule)."""
+def build(cfg: ml_collections.ConfigDict, total_steps: int, trainable=None
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optax transformation, learning-rate schedule).
+
+  ``trainable``: optional ``params -> tree of bools`` (``finetune.trainable_fn``).
+  Leaves marked False get zero updates and no optimizer state (no Adam moments):
+  ``optax.multi_transform`` gives the AdamW chain only the trainable leaves, so
+  gradient clipping and weight decay see only those as well.
+  """
   if cfg.name != "adamw":
     raise ValueError(f"optimizer.name {cfg.name!r} is not supported (adamw)")
   lr = schedule(cfg, total_steps)
@@ -70,4 +77,32 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradi
   parts.append(optax.adamw(
       lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
       mask=lambda p: decay_mask(p, cfg.wd_pattern)))
-  return optax.chain(*parts), lr
+  tx = optax.chain(*parts)
+  if trainable is not None:
+    tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params)))
+  return tx, lr
+
+
+def state_shardings(abstract_opt, param_shardings, other):
+  """The shardings of an optimizer state: moments follow their parameters.
+
+  A leaf of ``abstract_opt`` whose path ends in a parameter's dict keys (e.g.
+  ``...mu["img"]["Transformer"]...["kernel"]``, AdamW's moments, which have
+  its shape) takes that parameter's sharding from ``param_shardings``; every
+  other leaf (step counts, scalars) gets ``other``.
+  Unlike ``optax.tree_map_params`` this needs no re-``init``, so it also serves
+  states whose layout depends on the params (``multi_transform`` with frozen leaves).
+  """
+  by_path = {_path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+  def one(path, leaf):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.append(str(k.key))
+    return by_path.get("/".join(reversed(keys)), other) if keys else other
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)

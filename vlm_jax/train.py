@@ -39,7 +39,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vlm_jax import checkpoint as ckpt_lib
-from vlm_jax import config_util, models, optim, parallel, tasks
+from vlm_jax import logs
+from vlm_jax import config_util, finetune, models, optim, parallel, tasks
 from vlm_jax.tasks.common import check_batch_size
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -82,15 +83,14 @@ def train_state_shardings(config, model, tx, mesh) -> TrainState:
   """
   rules = parallel.rules_for_mesh(mesh, parallel.rules_from_config(config))
   key = jax.random.PRNGKey(0)
-  boxed = jax.eval_shape(lambda k: model.init(k, *models.init_inputs(config.model)), key)
+  boxed = jax.eval_shape(  # with LoRA: the factors beside their kernels
+      lambda k: finetune.init_variables(config, model, k, *models.init_inputs(config.model)), key)
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   param_shardings, state_shardings = _split_variables(shardings)
   abstract_params = nn.unbox(boxed)["params"]
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = parallel.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: repl)
+  opt_shardings = optim.state_shardings(abstract_opt, param_shardings, repl)
   return TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl,
                     model_state=state_shardings)
 
@@ -109,7 +109,8 @@ def create_train_state(config, model, tx, mesh, rng):
   shardings = train_state_shardings(config, model, tx, mesh)
 
   def make(key):
-    params, model_state = _split_variables(nn.unbox(model.init(key, *args)))
+    params, model_state = _split_variables(
+        nn.unbox(finetune.init_variables(config, model, key, *args)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng, model_state=model_state)
 
@@ -160,7 +161,8 @@ def make_train_step(config, model, tx, lr_fn, mesh, state_shardings):
 # --------------------------------------------------------------- logging ---
 
 class MetricsLog:
-  """Appends one JSON object per line to ``workdir/metrics.jsonl``.
+  """Appends one JSON object per line to ``workdir/metrics.jsonl``, and its scalars
+  to TensorBoard event files in ``workdir`` (``logs.TensorBoardWriter``).
 
   On resume from step S, lines with step > S (written after the checkpoint the
   run resumed from) are dropped, so the file reads as one uninterrupted run.
@@ -169,6 +171,7 @@ class MetricsLog:
   def __init__(self, workdir: str, resume_step: int | None, *, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self.tensorboard = logs.TensorBoardWriter(workdir, resume_step) if enabled else None
     if enabled and os.path.exists(self.path):
       keep = []
       with open(self.path) as f:
@@ -189,6 +192,15 @@ class MetricsLog:
     row.update({k: _to_py(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    self.tensorboard.write(step, metrics)
+
+  def flush(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
 
 
 def _to_py(v):
@@ -242,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                jax.device_count(), jax.process_count())
 
   model = models.build(config.model)
-  tx, lr_fn = optim.build(config.optimizer, config.total_steps)
+  tx, lr_fn = optim.build(config.optimizer, config.total_steps,
+                          trainable=finetune.trainable_fn(config))
   state, state_shardings = create_train_state(
       config, model, tx, mesh, jax.random.PRNGKey(config.seed))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -263,7 +276,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if data_state:
       data_iter.set_state(data_state)
     start_step = int(state.step)
-    logging.info("Resumed from checkpoint at step %d", start_step)
+    if is_main:
+      print(f"Resumed from the checkpoint at step {start_step} in "
+            f"{ckpt_lib.checkpoint_dir(workdir)}", flush=True)
+  elif finetune.has_init(config):  # a fresh run starts from config.init's weights
+    params, model_state, report = finetune.load_init(config, state.params, state.model_state)
+    state = state.replace(params=params, model_state=model_state)
+    logging.info("%s", report)
+    if is_main:
+      print(report, flush=True)
   log = MetricsLog(workdir, start_step if latest is not None else None, enabled=is_main)
 
   train_step = make_train_step(config, model, tx, lr_fn, mesh, state_shardings)
@@ -278,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = t_log = time.time()
   n_images, pending = [], []  # device scalars, read only when needed
   print(f"Training {task.NAME} for {config.total_steps} steps from step {start_step} "
-        f"({n_params:,} params, mesh {dict(mesh.shape)})", flush=True)
+        f"({n_params:,} params, mesh {dict(mesh.shape)} on {jax.device_count()} device(s))",
+        flush=True)
   try:
     while step < config.total_steps:
       batch = parallel.global_batch(next(data_iter), mesh)
@@ -323,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_metrics = {}
       if evaluator is not None and periodic(config.eval_every, step):
         t_eval = time.time()
-        eval_metrics = evaluator.run(state.variables, step=step)
+        eval_metrics = evaluator.run(finetune.merge_lora(state.variables), step=step)
         log.write(step, eval_metrics)
         last.update(eval_metrics)
         if is_main:
@@ -335,12 +357,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if saving:
         ckpt.save(step, state, data_iter.get_state(), metrics=eval_metrics or None)
+        log.flush()
       if stopping:
         print(f"Received signal {stopping}: saved a checkpoint at step {step}, exiting.",
               flush=True)
         break
   finally:
     ckpt.close()  # waits for async saves, also when the run raises
+    log.close()
   return last
 
 
@@ -349,6 +373,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
+  logs.quiet_libraries()  # our progress lines, and library logs from WARNING up
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vlm_jax import parallel
+from vlm_jax import finetune, parallel
 from vlm_jax.tasks import common
 
 NAME = "classification"
@@ -104,6 +104,7 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   settings = _settings(config)
   num_classes = int(config.model.num_classes)
   mixing = settings["mixup_alpha"] > 0 or settings["cutmix_alpha"] > 0
+  view = finetune.view(config)  # frozen leaves, LoRA kernels merged
 
   def targets_of(batch, key):
     from vlm_jax.data import augment  # pylint: disable=import-outside-toplevel
@@ -120,7 +121,7 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
     images, targets = targets_of(micro, jax.random.fold_in(key, 1))
 
     def compute_loss(p):
-      logits, state = common.apply_train(model, p, model_state, images, rng=key)
+      logits, state = common.apply_train(model, view(p), model_state, images, rng=key)
       loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
       return loss * scale, (logits, state)
 

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vlm_jax import losses, parallel
+from vlm_jax import finetune, losses, parallel
 from vlm_jax.tasks import common
 
 NAME = "contrastive"
@@ -95,10 +95,11 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   packed = is_packed(config)
   emb = parallel.batch_sharding(mesh, 2)
   rep = parallel.replicated(mesh)
+  view = finetune.view(config)  # frozen leaves, LoRA kernels merged
 
   def embed_raw(params, model_state, images, tokens, key):
     (zimg, ztxt, out), model_state = common.apply_train(
-        model, params, model_state, images, tokens, rng=key)
+        model, view(params), model_state, images, tokens, rng=key)
     valid = out["img/valid"] if packed else jnp.zeros((), bool)
     return (zimg, ztxt, out["t"], out["b"], valid), model_state
 
