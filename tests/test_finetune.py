@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes import get_config
+from recipes import get_config, override
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_util, finetune, interop, models, optim, parallel, tasks, train
 
@@ -21,13 +21,7 @@ def _config(**overrides):
   c.batch_size = 8
   c.optimizer.warmup_steps = 0
   c.optimizer.lr = 0.05
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, overrides)
 
 
 def _flat(tree):

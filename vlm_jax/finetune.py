@@ -38,6 +38,7 @@ import re
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,27 +119,13 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def _flat(tree: Mapping) -> dict[str, Any]:
   """Nested dict -> {"a/b/c": leaf}; a ``nn.Partitioned`` box is a leaf."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flat(v, key + "/"))
-    else:
-      out[key] = v
-  return out
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflat(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def is_lora(path: str) -> bool:

@@ -54,7 +54,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from absl import app, flags
@@ -380,14 +380,36 @@ def _run_flags(argv) -> tuple[list[dict], list[str]]:
              batch_size=FLAGS.batch_size, explain_dir=FLAGS.explain)
 
 
-def _parse(argv: Sequence[str]) -> list[str]:
+def parse_argv(flag_values: flags.FlagValues, argv: Sequence[str], doc: str) -> list[str]:
+  """Parses ``argv`` into a program's own ``flag_values`` (for in-process ``cli``
+  calls and ``app.run``); --help prints ``doc`` and the flags. Returns the
+  positional arguments, program name first."""
   if any(a in ("-h", "--help", "--helpshort", "-?") for a in list(argv)[1:]):
-    print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
+    print(doc + "\nFlags:\n" + flag_values.get_help())
     sys.exit(0)
   try:
-    return FLAGS(list(argv))
+    return flag_values(list(argv))
   except flags.Error as e:
     raise app.UsageError(str(e)) from e
+
+
+def absl_flags_parser(parse: Callable[[Sequence[str]], list[str]]):
+  """``app.run``'s ``flags_parser`` for a program whose flags live in their own
+  FlagValues (parsed by ``parse``); absl's global flags keep their defaults."""
+
+  def parser(argv):
+    try:
+      rest = parse(argv)
+      return flags.FLAGS(rest[:1]) + rest[1:]
+    except (app.UsageError, flags.Error) as e:
+      sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.\n")
+      sys.exit(1)
+
+  return parser
+
+
+def _parse(argv: Sequence[str]) -> list[str]:
+  return parse_argv(FLAGS, argv, __doc__)
 
 
 def cli(argv: Sequence[str]) -> tuple[list[dict], list[str]]:
@@ -404,14 +426,5 @@ def main(argv):
     sys.exit(1)
 
 
-def _flags_parser(argv):
-  try:
-    rest = _parse(argv)
-    return flags.FLAGS(rest[:1]) + rest[1:]
-  except (app.UsageError, flags.Error) as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.\n")
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_flags_parser)
+  app.run(main, flags_parser=absl_flags_parser(_parse))

@@ -443,13 +443,7 @@ def _run_flags(argv):
 
 
 def _parse(argv: Sequence[str]) -> list[str]:
-  if any(a in ("-h", "--help", "--helpshort", "-?") for a in list(argv)[1:]):
-    print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
-    sys.exit(0)
-  try:
-    return FLAGS(list(argv))
-  except flags.Error as e:
-    raise app.UsageError(str(e)) from e
+  return predict.parse_argv(FLAGS, argv, __doc__)
 
 
 def cli(argv: Sequence[str]):
@@ -467,14 +461,5 @@ def main(argv):
     sys.exit(130)
 
 
-def _flags_parser(argv):
-  try:
-    rest = _parse(argv)
-    return flags.FLAGS(rest[:1]) + rest[1:]
-  except (app.UsageError, flags.Error) as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.\n")
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_flags_parser)
+  app.run(main, flags_parser=predict.absl_flags_parser(_parse))
