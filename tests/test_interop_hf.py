@@ -434,3 +434,31 @@ def test_load_overrides_change_compute_fields_but_not_weights(siglip_dir):
         hf.load(path, overrides={"image": {"widht": 3}})
     with pytest.raises(CheckpointMismatchError, match="mlp.fc1.weight"):
         hf.load(path, overrides={"image": {"mlp_dim": 80}})
+
+
+def test_merged_lora_saved_loads_in_transformers_with_the_unmerged_features(tmp_path):
+    """LoRA fine-tune -> finetune.merge_lora -> hf.save -> transformers: the features of
+    the model that trained (base kernels plus scale * A @ B, applied unmerged)."""
+    from vlm_jax import config_util, finetune  # pylint: disable=import-outside-toplevel
+    cfg = tiny_config("siglip")
+    model = M.build(cfg)
+    variables = random_variables(model, cfg, seed=5)
+    c = config_util.base_config()
+    c.finetune.lora.rank, c.finetune.lora.alpha = 4, 8.0
+    params = finetune.add_lora(c, variables, jax.random.PRNGKey(1))["params"]
+    rs = np.random.RandomState(2)  # trained B factors: not zero
+    params = flatten(params)
+    for k in params:
+        if k.endswith(finetune.LORA_B):
+            params[k] = jnp.asarray(rs.normal(0, 0.2, params[k].shape), jnp.float32)
+    params = finetune._unflat(params)  # pylint: disable=protected-access
+    x, (ids, mask) = pixels(seed=6), siglip_ids(seed=7)
+    nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+    unmerged = np.asarray(model.apply({"params": finetune.view(c)(params)}, nhwc,
+                                      method="encode_image"))
+    base = np.asarray(model.apply(variables, nhwc, method="encode_image"))
+    assert np.abs(unmerged - base).max() > 1e-2  # the LoRA update matters
+    path = hf.save(model, {"params": finetune.merge_lora(params)}, str(tmp_path / "merged"))
+    ref = tr.SiglipModel.from_pretrained(path).eval()
+    fi, _, _ = torch_outputs(ref, x, ids, mask)
+    close(unmerged, fi, rtol=1e-5, atol=1e-6)  # the acceptance bound
