@@ -71,9 +71,8 @@ import numpy as np
 
 from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, flatten, unflatten
-from vlm_jax.interop.torch_layout import (Rule, add_batch, layernorm, linear, one,
-                                          out_kernel, packed_attention, qkv_bias, qkv_kernel,
-                                          read_safetensors)
+from vlm_jax.interop.torch_layout import (Rule, add_batch, attention, drop_batch, layernorm,
+                                          linear, one, packed_attention, read_safetensors)
 from vlm_jax.models import clip_resnet
 from vlm_jax.models.two_tower import TwoTower
 
@@ -317,14 +316,8 @@ def _resnet_rules(img: clip_resnet.ClipModifiedResNet) -> list[Rule]:
                 rules += [_conv(f"{src}.downsample.0", f"{ours}/downsample_conv"),
                           *_bn(f"{src}.downsample.1", f"{ours}/downsample_bn")]
     a, o, heads = "visual.attnpool", "params/img/attnpool", img.heads
-    rules.append(one(f"{a}.positional_embedding", f"{o}/pos_embedding", add_batch,
-                      lambda y: y[0]))
-    for t, n in (("q", "query"), ("k", "key"), ("v", "value")):
-        rules.append(one(f"{a}.{t}_proj.weight", f"{o}/{n}/kernel", *qkv_kernel(heads)))
-        rules.append(one(f"{a}.{t}_proj.bias", f"{o}/{n}/bias", *qkv_bias(heads)))
-    rules.append(one(f"{a}.c_proj.weight", f"{o}/out/kernel", *out_kernel(heads)))
-    rules.append(one(f"{a}.c_proj.bias", f"{o}/out/bias"))
-    return rules
+    rules.append(one(f"{a}.positional_embedding", f"{o}/pos_embedding", add_batch, drop_batch))
+    return rules + attention(a, o, heads, out="c_proj")
 
 
 def _vit_rules(img) -> list[Rule]:

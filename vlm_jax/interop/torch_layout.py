@@ -127,14 +127,15 @@ def out_kernel(heads):  # [D, H*Dh] <-> [H, Dh, D]
             lambda k: k.reshape(-1, k.shape[-1]).T)
 
 
-def attention(hf: str, ours: str, heads: int) -> list[Rule]:
-    """Separate q/k/v/out projections (transformers' attention modules)."""
+def attention(hf: str, ours: str, heads: int, out: str = "out_proj") -> list[Rule]:
+    """Separate q/k/v projections and an output projection named ``out``
+    (transformers' attention modules; open_clip's attention pool calls it c_proj)."""
     rules = []
     for t, n in (("q", "query"), ("k", "key"), ("v", "value")):
         rules.append(one(f"{hf}.{t}_proj.weight", f"{ours}/{n}/kernel", *qkv_kernel(heads)))
         rules.append(one(f"{hf}.{t}_proj.bias", f"{ours}/{n}/bias", *qkv_bias(heads)))
-    rules.append(one(f"{hf}.out_proj.weight", f"{ours}/out/kernel", *out_kernel(heads)))
-    rules.append(one(f"{hf}.out_proj.bias", f"{ours}/out/bias"))
+    rules.append(one(f"{hf}.{out}.weight", f"{ours}/out/kernel", *out_kernel(heads)))
+    rules.append(one(f"{hf}.{out}.bias", f"{ours}/out/bias"))
     return rules
 
 
