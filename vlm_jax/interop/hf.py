@@ -30,6 +30,7 @@ position_embedding is zero, which gives the same outputs.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -93,6 +94,27 @@ HF_DEFAULTS = {
     },
 }
 _ARCH_NAMES = {"siglip": "SiglipModel", "clip": "CLIPModel", "siglip2": "Siglip2Model"}
+# Vision front-ends of VLMs (vision tower + connector): one module per family,
+# ``vlm_jax/interop/hf_<family>.py``, found by config.json's model_type. Each defines
+#   load(path, hf_cfg, overrides=None) -> (model, variables)   (reads no language-model weights)
+#   image_features(model, variables, **processor_outputs)      (= transformers' get_image_features)
+# and its models carry the class attribute ``hf_family`` (the module's name), by which
+# ``image_features`` finds the module again.
+_FAMILIES = {
+    "llava": "hf_llava",
+    "paligemma": "hf_paligemma",
+    "blip-2": "hf_blip2",
+    "blip_2_qformer": "hf_blip2",
+    "idefics3": "hf_idefics3",
+    "idefics2": "hf_idefics2",
+    "idefics2_perceiver": "hf_idefics2",
+}
+
+
+def _family(name: str):
+    return importlib.import_module(f"vlm_jax.interop.{name}")
+
+
 # Buffers older transformers versions wrote into checkpoints; they carry no weights.
 _IGNORED_SUFFIXES = ("position_ids",)
 
@@ -414,7 +436,9 @@ def load(path: str, *, overrides: Mapping | None = None) -> tuple[TwoTower, dict
 
     path: directory with config.json and model.safetensors (or sharded
     model.safetensors.index.json) of a SiglipModel, Siglip2Model (-> a NaFlex
-    image tower, model.image.type "naflex") or CLIPModel.
+    image tower, model.image.type "naflex") or CLIPModel; or of a VLM whose
+    vision front-end a family module reads (see ``_FAMILIES``: LLaVA, PaliGemma,
+    BLIP-2, Idefics3, and standalone Q-Former / Perceiver Resampler).
     overrides: model-config fields to change that do not affect the weights,
     e.g. {"dtype": "bfloat16", "image": {"remat": True}}.
     Returns an unbound ``TwoTower`` and {"params": ...} of float32 jax arrays.
@@ -422,6 +446,8 @@ def load(path: str, *, overrides: Mapping | None = None) -> tuple[TwoTower, dict
     when the tensors do not fit the architecture described by config.json.
     """
     hf_cfg = read_config(path)
+    if hf_cfg.get("model_type") in _FAMILIES:
+        return _family(_FAMILIES[hf_cfg["model_type"]]).load(path, hf_cfg, overrides=overrides)
     kind = _arch_of_hf(hf_cfg, path)
     cfg = model_config(hf_cfg)
     if overrides:
@@ -537,8 +563,8 @@ def naflex_batch(pixel_values, pixel_attention_mask, spatial_shapes) -> dict[str
             "positions": positions.astype(np.int32), "grid_sizes": shapes[:, None, :]}
 
 
-def image_features(model: TwoTower, variables: Mapping, pixel_values, pixel_attention_mask=None,
-                   spatial_shapes=None) -> np.ndarray:
+def image_features(model: TwoTower, variables: Mapping, pixel_values=None,
+                   pixel_attention_mask=None, spatial_shapes=None, **processor_outputs):
     """Image embeddings [B, D] (float32, not normalised) = transformers' get_image_features.
 
     Takes what the transformers image processor returns (numpy or torch):
@@ -547,7 +573,20 @@ def image_features(model: TwoTower, variables: Mapping, pixel_values, pixel_atte
     would need interpolate_pos_encoding and resizes bicubically).
     SigLIP2 (NaFlex tower): pixel_values [B, N, P*P*C], pixel_attention_mask [B, N]
     and spatial_shapes [B, 2] (see ``naflex_batch``).
+    A VLM front-end (LLaVA, PaliGemma, BLIP-2, Idefics3, ...) returns what its
+    family's module computes: what the language model receives for the images.
     """
+    family = getattr(model, "hf_family", None)
+    if family is not None:
+        kw = {k: v for k, v in (("pixel_values", pixel_values),
+                                ("pixel_attention_mask", pixel_attention_mask),
+                                ("spatial_shapes", spatial_shapes)) if v is not None}
+        return _family(family).image_features(model, variables, **kw, **processor_outputs)
+    if processor_outputs:
+        raise ValueError(f"unexpected inputs {sorted(processor_outputs)} for a "
+                         f"{type(model).__name__}")
+    if pixel_values is None:
+        raise ValueError("image_features needs pixel_values")
     if isinstance(model.image, NaViT):
         if pixel_attention_mask is None or spatial_shapes is None:
             raise ValueError("a NaFlex (SigLIP2) model needs pixel_values, pixel_attention_mask "

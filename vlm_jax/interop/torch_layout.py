@@ -54,9 +54,11 @@ def _read_raw(file: str, key: str, dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a save_pretrained directory (single file or shards) or one file.
+def read_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+    """The tensors of a save_pretrained directory (single file or shards) or one file.
 
+    ``keep(key)`` picks which tensors are read (default all): the others are never
+    loaded, so a VLM's vision side can be read without its language model.
     Floating tensors come back as float32 numpy arrays (bf16/f16 are widened).
     """
     import ml_dtypes
@@ -66,6 +68,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     for file in safetensors_files(path):
         with safe_open(file, framework="np") as f:
             for k in f.keys():
+                if keep is not None and not keep(k):
+                    continue
                 dt = f.get_slice(k).get_dtype()
                 if dt == "BF16":
                     x = _read_raw(file, k, ml_dtypes.bfloat16)

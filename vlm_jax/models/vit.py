@@ -78,6 +78,7 @@ class ViT(nn.Module):
          [B, N, width] (pool "none");
       out: "stem" [B, h, w, width] patch grid, "with_posemb" [B, N, width],
          "encoded" [B, N, width] (final-normed patch tokens, CLS dropped),
+         "tokens" [B, N(+1), width] (final-normed tokens, CLS first when pool "tok"),
          "encoder/block{i:02d}" [B, N(+1), width], "pre_logits", "logits" (with head).
     The token grid is (H, W) / total_stride and must divide exactly.
     stem "resnet" (hybrid ViT, e.g. R50+B/16: stem_depths (3, 4, 9), patch_size 1)
@@ -194,7 +195,7 @@ class ViT(nn.Module):
             attention_fn=self.attention_fn, remat=self.remat, dtype=self.dtype,
             name="Transformer")(x, None, train)
         out.update({f"encoder/{k}": v for k, v in enc_out.items()})
-        encoded = x
+        out["tokens"] = encoded = x
 
         if self.pool_type == "map":
             x = layers.MAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads, act=self.act,
