@@ -46,8 +46,8 @@ import numpy as np
 from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, flatten, unflatten
 from vlm_jax.interop.torch_layout import (  # noqa: F401  (read_safetensors: public here too)
-    T, Rule, add_batch, attention, drop_batch, layernorm, linear, one, packed_attention,
-    read_safetensors, write_safetensors)
+    T, Rule, add_batch, apply_rules, drop_batch, hf_encoder, layernorm, linear, one,
+    packed_attention, read_safetensors, write_safetensors)
 from vlm_jax.models import layers
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import TwoTower
@@ -321,18 +321,6 @@ def hf_config(model: TwoTower, *, num_channels: int = 3, bos_token_id: int | Non
 
 # ---------------------------------------------------------------- weight layout
 
-def _encoder(hf: str, ours: str, depth: int, heads: int) -> list[Rule]:
-    rules = []
-    for i in range(depth):
-        h, o = f"{hf}.layers.{i}", f"{ours}/encoderblock_{i}"
-        rules += layernorm(f"{h}.layer_norm1", f"{o}/LayerNorm_0")
-        rules += attention(f"{h}.self_attn", f"{o}/MultiHeadDotProductAttention_0", heads)
-        rules += layernorm(f"{h}.layer_norm2", f"{o}/LayerNorm_1")
-        rules += linear(f"{h}.mlp.fc1", f"{o}/MlpBlock_0/Dense_0")
-        rules += linear(f"{h}.mlp.fc2", f"{o}/MlpBlock_0/Dense_1")
-    return rules
-
-
 def _map_head(hf: str, ours: str, heads: int) -> list[Rule]:
     """The MAP head's torch.nn.MultiheadAttention packs q/k/v into one in_proj."""
     rules = packed_attention(f"{hf}.attention", f"{ours}/MultiHeadDotProductAttention_0", heads)
@@ -353,12 +341,12 @@ def _rules(kind: str, model: TwoTower) -> list[Rule]:
         patch = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
     rules = [
         one(f"{v}.embeddings.patch_embedding.weight", "img/embedding/kernel", *patch),
-        *_encoder(f"{v}.encoder", "img/Transformer", img.depth, img.num_heads),
+        *hf_encoder(f"{v}.encoder", "img/Transformer", img.depth, img.num_heads),
         *layernorm(f"{v}.post_layernorm", "img/Transformer/encoder_norm"),
         one(f"{t}.embeddings.token_embedding.weight", "txt/Embed_0/embedding"),
         one(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding",
              add_batch, drop_batch),
-        *_encoder(f"{t}.encoder", "txt/Transformer", txt.depth, txt.num_heads),
+        *hf_encoder(f"{t}.encoder", "txt/Transformer", txt.depth, txt.num_heads),
         *layernorm(f"{t}.final_layer_norm", "txt/Transformer/encoder_norm"),
     ]
     if kind in ("siglip", "siglip2"):
@@ -401,32 +389,8 @@ def _expected_shapes(model: TwoTower, cfg) -> dict[str, tuple]:
 
 def _to_ours(kind: str, model: TwoTower, tensors: Mapping[str, np.ndarray],
              expected: Mapping[str, tuple], source: str) -> dict[str, np.ndarray]:
-    flat, missing, mismatched, used = {}, [], [], set()
-    for rule in _rules(kind, model):
-        absent = [k for k in rule.hf if k not in tensors]
-        if absent:
-            missing += absent
-            continue
-        used.update(rule.hf)
-        xs = [np.asarray(tensors[k], np.float32) for k in rule.hf]
-        try:
-            ys = rule.to_ours(xs)
-        except ValueError:  # e.g. a reshape into heads that does not fit
-            ys = None
-        for i, path in enumerate(rule.ours):
-            want = expected.get(path)
-            if ys is None or ys[i].shape != want:
-                got = tuple(xs[min(i, len(xs) - 1)].shape)
-                mismatched.append((f"{rule.hf[min(i, len(xs) - 1)]} (-> {path})", got, want))
-            else:
-                flat[path] = ys[i]
-    unexpected = [k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
-    not_covered = set(expected) - {p for r in _rules(kind, model) for p in r.ours}
-    if missing or unexpected or mismatched or not_covered:
-        raise CheckpointMismatchError(f"{source} ({_ARCH_NAMES[kind]})",
-                                      missing + [f"(vlm_jax) {p}" for p in not_covered],
-                                      unexpected, mismatched)
-    return flat
+    return apply_rules(_rules(kind, model), tensors, expected, f"{source} ({_ARCH_NAMES[kind]})",
+                       ignored_suffixes=_IGNORED_SUFFIXES)
 
 
 # ---------------------------------------------------------------- public API

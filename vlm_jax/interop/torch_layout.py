@@ -173,3 +173,52 @@ def add_batch(x):
 
 def drop_batch(x):
     return x[0]
+
+
+def hf_encoder(hf: str, ours: str, depth: int, heads: int) -> list[Rule]:
+    """transformers' CLIP/SigLIP-style encoder ``{hf}.layers.{i}`` <-> our ``layers.Encoder``."""
+    rules = []
+    for i in range(depth):
+        h, o = f"{hf}.layers.{i}", f"{ours}/encoderblock_{i}"
+        rules += layernorm(f"{h}.layer_norm1", f"{o}/LayerNorm_0")
+        rules += attention(f"{h}.self_attn", f"{o}/MultiHeadDotProductAttention_0", heads)
+        rules += layernorm(f"{h}.layer_norm2", f"{o}/LayerNorm_1")
+        rules += linear(f"{h}.mlp.fc1", f"{o}/MlpBlock_0/Dense_0")
+        rules += linear(f"{h}.mlp.fc2", f"{o}/MlpBlock_0/Dense_1")
+    return rules
+
+
+def apply_rules(rules: list[Rule], tensors: Mapping[str, np.ndarray],
+                expected: Mapping[str, tuple], source: str,
+                ignored_suffixes: tuple[str, ...] = ("position_ids",)) -> dict[str, np.ndarray]:
+    """torch tensors -> our flat {'/'-path: array} through ``rules``, checked against
+    ``expected`` shapes (our abstract params). Every tensor must be used, every
+    expected path produced, every shape fit: otherwise CheckpointMismatchError
+    naming the missing, unexpected and mismatched keys (``source`` says which file)."""
+    from vlm_jax.interop import CheckpointMismatchError
+
+    flat, missing, mismatched, used = {}, [], [], set()
+    for rule in rules:
+        absent = [k for k in rule.hf if k not in tensors]
+        if absent:
+            missing += absent
+            continue
+        used.update(rule.hf)
+        xs = [np.asarray(tensors[k], np.float32) for k in rule.hf]
+        try:
+            ys = rule.to_ours(xs)
+        except ValueError:  # e.g. a reshape into heads that does not fit
+            ys = None
+        for i, path in enumerate(rule.ours):
+            want = expected.get(path)
+            if ys is None or ys[i].shape != want:
+                got = tuple(xs[min(i, len(xs) - 1)].shape)
+                mismatched.append((f"{rule.hf[min(i, len(xs) - 1)]} (-> {path})", got, want))
+            else:
+                flat[path] = ys[i]
+    unexpected = [k for k in tensors if k not in used and not k.endswith(ignored_suffixes)]
+    not_covered = set(expected) - {p for r in rules for p in r.ours}
+    if missing or unexpected or mismatched or not_covered:
+        raise CheckpointMismatchError(source, missing + [f"(vlm_jax) {p}" for p in not_covered],
+                                      unexpected, mismatched)
+    return flat
