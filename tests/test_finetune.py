@@ -1,4 +1,5 @@
 """Fine-tuning: init from weights, frozen parameters, LoRA (vlm_jax.finetune)."""
+import copy
 import json
 import os
 
@@ -130,7 +131,37 @@ def test_lora_trains_only_unfrozen_factors_and_holds_state_for_them_only(lora_ru
   assert tuple(att["out"]["kernel_lora_a"]) == ("heads", "kv", None)
   assert tuple(att["query"]["kernel_lora_b"]) == (None, "heads", "kv")
   with pytest.raises(ValueError, match="config.finetune.lora.dropout"):
-    finetune.check_config(_config(**{"finetune.lora.rank": RANK, "finetune.lora.dropout": 0.1}))
+    finetune.check_config(_config(**{"finetune.lora.rank": RANK, "finetune.lora.dropout": 1.0}))
+
+
+def test_lora_dropout_drops_the_branch_input_only_in_training(lora_run):
+  """With dropout the factors stay apart: W x + s (drop(x) A) B inside each layer."""
+  c, (model, _, start, _, _, _) = lora_run
+  mesh = _mesh()
+  batch = parallel.global_batch(next(iter(tasks.get(c).train_dataset(c))), mesh)
+  params = jax.tree.map(jnp.asarray, start.params)
+
+  def run(rate, seed):
+    cc = override(copy.deepcopy(c), {"finetune.lora.dropout": rate})
+    fn = jax.jit(tasks.get(cc).make_grad_fn(cc, model, mesh))
+    loss, grads, _, _ = fn(params, {}, batch, jax.random.PRNGKey(seed))
+    return float(loss), _flat(grads)
+
+  merged_loss, merged = run(0.0, 0)
+  # A rate that rounds to keep-everything in float32 runs the unmerged branch:
+  # same loss and gradients as the merged kernels.
+  tiny_loss, tiny = run(1e-9, 0)
+  assert tiny_loss == pytest.approx(merged_loss, rel=1e-5)
+  for k, g in merged.items():
+    np.testing.assert_allclose(tiny[k], g, rtol=1e-3, atol=1e-5, err_msg=k)
+  loss_a, grads_a = run(0.5, 0)
+  loss_b, _ = run(0.5, 1)
+  assert loss_a != pytest.approx(merged_loss, rel=1e-4)  # the branch's input is dropped
+  assert loss_a != loss_b  # ... with the step's dropout key
+  assert loss_a == run(0.5, 0)[0]
+  frozen = [k for k in grads_a if not k.endswith(("_lora_a", "_lora_b")) or k.startswith("txt/")]
+  assert all(np.abs(grads_a[k]).max() == 0 for k in frozen)  # base weights stay frozen
+  assert max(np.abs(grads_a[k]).max() for k in grads_a if k.endswith("_lora_a")) > 0
 
 
 def test_merged_lora_has_the_base_tree_and_the_unmerged_forward(lora_run):

@@ -9,7 +9,9 @@ One fine-tuning run's path: ``train`` creates the state fresh (with LoRA on,
 workdir, a transformers directory or a big_vision .npz), matching "/"-joined
 paths; what the source lacks (a new head, the LoRA factors) stays fresh ->
 every step, the task runs the model on ``view(config)(params)``: frozen leaves
-behind ``stop_gradient`` and each LoRA kernel merged, W + (alpha / r) A @ B ->
+behind ``stop_gradient`` and each LoRA kernel merged, W + (alpha / r) A @ B
+(with ``finetune.lora.dropout`` > 0 the factors stay apart and ``interceptor``
+computes W x + (alpha / r) B A dropout(x) inside each targeted layer) ->
 the optimizer (``optim.build(..., trainable=trainable_fn(config))``) updates
 only the trainable leaves and holds no moments for the rest. A resumed run
 restores its own checkpoint (factors and all) and never re-reads ``config.init``.
@@ -68,7 +70,7 @@ def default_config():
       lora=config_dict.ConfigDict(dict(
           rank=0,               # 0: off
           alpha=16.0,           # the update is (alpha / rank) A @ B
-          dropout=0.0,          # not supported (the update is merged): must be 0
+          dropout=0.0,          # dropout on the LoRA branch's input (training only)
           targets=DEFAULT_TARGETS,  # regex over Dense kernel paths
       )),
   ))
@@ -102,11 +104,9 @@ def check_config(config) -> None:
   if rank:
     if not float(lora.get("alpha", 0)) > 0:
       raise ValueError(f"config.finetune.lora.alpha must be > 0, got {lora.get('alpha')!r}")
-    if lora.get("dropout"):
-      raise ValueError(
-          f"config.finetune.lora.dropout={lora.dropout} is not supported: the LoRA update is "
-          "merged into its kernel (W + (alpha/r) A @ B) before the model runs, so there is no "
-          "separate LoRA input to drop; set it to 0")
+    rate = lora.get("dropout", 0.0) or 0.0
+    if not 0.0 <= float(rate) < 1.0:
+      raise ValueError(f"config.finetune.lora.dropout must be in [0, 1), got {rate!r}")
   init = _section(config, "init")
   given = [k for k in _INIT_SOURCES if init.get(k)]
   if len(given) > 1:
@@ -264,17 +264,57 @@ def view(config) -> Callable:
 
   Frozen leaves go behind ``stop_gradient`` (no weight gradients are computed
   for them) and LoRA kernels are merged (``merge_lora``), so the model sees
-  its own tree. The identity when nothing is frozen and LoRA is off.
+  its own tree. The identity when nothing is frozen and LoRA is off. With LoRA
+  dropout the factors are not merged: run the model under ``interceptor(config)``.
   """
   fn = trainable_fn(config)
   if fn is None:
     return lambda params: params
+  merge = not lora_dropout(config)
 
   def apply(params):
     mask = fn(params)
     params = jax.tree.map(lambda m, x: x if m else jax.lax.stop_gradient(x), mask, params)
-    return merge_lora(params)
+    return merge_lora(params) if merge else params
   return apply
+
+
+def lora_dropout(config) -> float:
+  """``config.finetune.lora.dropout`` when LoRA is on, else 0."""
+  if not lora_rank(config):
+    return 0.0
+  return float(_section(_section(config, "finetune"), "lora").get("dropout", 0.0) or 0.0)
+
+
+def interceptor(config) -> Callable | None:
+  """A flax method interceptor for training with LoRA dropout (None without it).
+
+  Around every Dense / DenseGeneral call whose params hold LoRA factors it
+  returns base(x) + scale * (dropout(x) . A) . B, where base uses the unmerged
+  kernel, and dropout (rate ``finetune.lora.dropout``, inverted scaling) draws
+  from the "dropout" rng. Used as ``nn.intercept_methods(interceptor(config))``
+  around the training apply, on params from ``view(config)`` (factors apart).
+  """
+  rate = lora_dropout(config)
+  if not rate:
+    return None
+
+  def intercept(next_fun, args, kwargs, context):
+    mod = context.module
+    y = next_fun(*args, **kwargs)
+    if (context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral))
+        or not mod.has_variable("params", "kernel" + LORA_A)):
+      return y
+    a = mod.get_variable("params", "kernel" + LORA_A)
+    b = mod.get_variable("params", "kernel" + LORA_B)
+    scale = mod.get_variable("params", "kernel" + LORA_SCALE)
+    x = args[0]
+    keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    delta = jnp.tensordot(jnp.tensordot(x, a.astype(x.dtype), axes=a.ndim - 1),
+                          b.astype(x.dtype), axes=1)
+    return y + (scale * delta).astype(y.dtype)
+  return intercept
 
 
 def init_variables(config, model, key, *args) -> dict:

@@ -105,6 +105,7 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   num_classes = int(config.model.num_classes)
   mixing = settings["mixup_alpha"] > 0 or settings["cutmix_alpha"] > 0
   view = finetune.view(config)  # frozen leaves, LoRA kernels merged
+  lora_dropout = finetune.interceptor(config)  # None unless finetune.lora.dropout > 0
 
   def targets_of(batch, key):
     from vlm_jax.data import augment  # pylint: disable=import-outside-toplevel
@@ -121,7 +122,8 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
     images, targets = targets_of(micro, jax.random.fold_in(key, 1))
 
     def compute_loss(p):
-      logits, state = common.apply_train(model, view(p), model_state, images, rng=key)
+      logits, state = common.apply_train(model, view(p), model_state, images, rng=key,
+                                         intercept=lora_dropout)
       loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
       return loss * scale, (logits, state)
 

@@ -7,8 +7,10 @@ model in training mode and returns the updated collections as well.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -69,20 +71,23 @@ def variables(params, model_state) -> dict:
   return {"params": params, **(model_state or {})}
 
 
-def apply_train(model, params, model_state, *args, rng, method=None) -> tuple[Any, dict]:
+def apply_train(model, params, model_state, *args, rng, method=None,
+                intercept=None) -> tuple[Any, dict]:
   """``model.apply`` in training mode -> (output, updated model_state).
 
   Non-parameter collections (BatchNorm statistics) are mutable and come back
   updated; without any, model_state stays {}. Dropout and stochastic depth
-  draw from ``rng``.
+  draw from ``rng``. ``intercept``: a flax method interceptor to run under
+  (``finetune.interceptor(config)``: LoRA dropout), or None.
   """
   mutable = sorted(model_state or {})
   kw = {"method": method} if method is not None else {}
-  if not mutable:
-    return model.apply(variables(params, None), *args, train=True, rngs={"dropout": rng},
-                       **kw), {}
-  out, updates = model.apply(variables(params, model_state), *args, train=True,
-                             rngs={"dropout": rng}, mutable=mutable, **kw)
+  with nn.intercept_methods(intercept) if intercept else contextlib.nullcontext():
+    if not mutable:
+      return model.apply(variables(params, None), *args, train=True, rngs={"dropout": rng},
+                         **kw), {}
+    out, updates = model.apply(variables(params, model_state), *args, train=True,
+                               rngs={"dropout": rng}, mutable=mutable, **kw)
   return out, dict(updates)
 
 

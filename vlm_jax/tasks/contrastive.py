@@ -96,10 +96,11 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   emb = parallel.batch_sharding(mesh, 2)
   rep = parallel.replicated(mesh)
   view = finetune.view(config)  # frozen leaves, LoRA kernels merged
+  lora_dropout = finetune.interceptor(config)  # None unless finetune.lora.dropout > 0
 
   def embed_raw(params, model_state, images, tokens, key):
     (zimg, ztxt, out), model_state = common.apply_train(
-        model, view(params), model_state, images, tokens, rng=key)
+        model, view(params), model_state, images, tokens, rng=key, intercept=lora_dropout)
     valid = out["img/valid"] if packed else jnp.zeros((), bool)
     return (zimg, ztxt, out["t"], out["b"], valid), model_state
 
