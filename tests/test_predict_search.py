@@ -200,6 +200,11 @@ def test_index_resumes_and_query_finds_the_image_itself(run_dir, folder, tmp_pat
   assert scores == sorted(scores, reverse=True) and scores[1] < 0.9999
   with Image.open(sheet) as im:
     assert im.format == "PNG" and im.width > 300 and im.height > 100
+    cell = np.asarray(im.convert("RGB"))[4:164, 4:164]  # the first result, scaled to its cell
+  with Image.open(target) as small:
+    assert max(small.size) < 160
+    # A small image grows to fill the cell (the background is white): not a stamp in the middle.
+    assert np.mean(np.all(cell == 255, -1)) < 0.9
 
   res = search.cli(["search", "query", "--index", index, "--text", "a red circle", "-k", "20"])
   assert sorted(r["path"] for r in res) == sorted(good)  # k > N gives all, sorted

@@ -14,8 +14,10 @@ are written as one shard and the manifest is rewritten to list it, each file
 under a temporary name and then renamed. An interrupted run (Ctrl-C flushes the
 images encoded so far; a kill loses at most one shard) is resumed by rerunning
 the same command, and a rerun after new files arrive encodes only those: a path
-already in the index is never encoded again. Unreadable files are reported on
-stderr and skipped (and tried again on the next run).
+already in the index is never encoded again (so a file edited in place keeps its
+old embedding, and a deleted one stays findable: build a fresh index after such
+changes). Unreadable files are reported on stderr and skipped (and tried again on
+the next run).
 
 INDEX is a directory:
 
@@ -386,7 +388,9 @@ def query(index: str, *, text: str | None = None, image: str | None = None, k: i
 
 def contact_sheet(results: Sequence[dict], out: str, *, cell: int = 160, cols: int = 5) -> None:
   """Writes a PNG grid of the results' images, each captioned "rank. score"
-  (unreadable ones drawn as a grey cell)."""
+  (unreadable ones drawn as a grey cell). Each image is scaled to fit a
+  ``cell`` x ``cell`` square, keeping its aspect: large ones shrink (bilinear),
+  small ones grow (nearest, so a 32-pixel image shows its pixels)."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   n = max(len(results), 1)
   cols = min(cols, n)
@@ -400,7 +404,10 @@ def contact_sheet(results: Sequence[dict], out: str, *, cell: int = 160, cols: i
     y = pad + (i // cols) * (cell + caption + pad)
     try:
       thumb = Image.fromarray(predict.read_image(r["path"], max_side=4 * cell))
-      thumb.thumbnail((cell, cell), Image.Resampling.BILINEAR)
+      f = cell / max(thumb.size)
+      size = (max(1, round(thumb.width * f)), max(1, round(thumb.height * f)))
+      thumb = thumb.resize(size, Image.Resampling.NEAREST if f > 1 else
+                           Image.Resampling.BILINEAR)
       sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
     except CorruptExampleError:
       draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(200, 200, 200))
