@@ -96,7 +96,7 @@ def build(hf_cfg: Mapping, overrides: Mapping | None = None) -> Idefics3FrontEnd
         mlp_dim=int(vc["intermediate_size"]), num_heads=int(vc["num_attention_heads"]),
         patch_size=patch, image_size=size, act=_act(vc["hidden_act"], "vision_config.hidden_act"),
         ln_eps=float(vc["layer_norm_eps"]), remat=bool(ov.get("remat", False)),
-        bucket_lanes=int(ov.get("bucket_lanes", 8)), dtype=dtype)
+        bucket_lanes=ov.get("bucket_lanes"), dtype=dtype)
     return Idefics3FrontEnd(tower=tower, connector=PixelShuffleProjector(
         out_dim=int(out_dim), scale=scale, use_bias=False, dtype=dtype))
 

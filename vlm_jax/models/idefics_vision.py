@@ -32,6 +32,7 @@ The front-end holds them under ``tower/`` and the projection under ``connector/p
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
@@ -46,7 +47,23 @@ __all__ = ["bucket_boundaries", "bucketed_position_ids", "IdeficsVisionTower",
            "Idefics3FrontEnd"]
 
 
-def bucket_boundaries(num_patches_per_side: int, lanes: int = 8) -> np.ndarray:
+def torch_cpu_lanes() -> int:
+    """The float32 vector width torch's CPU kernels dispatch to here: 16 with AVX-512
+    (torch's test: avx512 vl, bw and dq), else 8 (AVX2, ARM); ``ATEN_CPU_CAPABILITY``
+    overrides it as it does torch's choice."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if cap:
+        return 16 if cap.startswith("avx512") else 8
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return 8
+    return 16 if {"avx512vl", "avx512bw", "avx512dq"} <= set(flags) else 8
+
+
+def bucket_boundaries(num_patches_per_side: int, lanes: int | None = None) -> np.ndarray:
     """float32 boundaries 1/G, 2/G, ... (< 1), bit-identical to what torch's CPU kernel makes of
     ``torch.arange(1/G, 1.0, 1/G)`` (float32), which transformers bucketizes against.
 
@@ -57,8 +74,10 @@ def bucket_boundaries(num_patches_per_side: int, lanes: int = 8) -> np.ndarray:
     by one float32 ulp from k/G, which moves a patch across a bucket whenever
     i / rows hits k/G exactly (e.g. G = 19 with 19 or 38 patch rows). ``lanes`` is
     the float32 vector width torch's CPU kernels dispatch to: 8 for AVX2 (checked
-    bit-exact against torch 2.14 for G < 1100), 16 where torch dispatches AVX-512.
+    bit-exact against torch 2.14 for G < 1100), 16 where torch dispatches AVX-512;
+    None: ``torch_cpu_lanes()``, this machine's.
     """
+    lanes = torch_cpu_lanes() if lanes is None else lanes
     g = int(num_patches_per_side)
     if g < 1:
         raise ValueError(f"num_patches_per_side must be >= 1, got {g}")
@@ -75,7 +94,7 @@ def bucket_boundaries(num_patches_per_side: int, lanes: int = 8) -> np.ndarray:
 
 
 def bucketed_position_ids(patch_mask: jax.Array, num_patches_per_side: int,
-                          lanes: int = 8) -> jax.Array:
+                          lanes: int | None = None) -> jax.Array:
     """Position-table rows [B, h*w] int32 for a patch mask [B, h, w] (True = real patch).
 
     See the module docstring: fractional coordinates per image, bucketed onto the
@@ -108,7 +127,8 @@ class IdeficsVisionTower(nn.Module):
          norm), "position_ids" [B, h*w], "patch_mask" [B, h*w] bool.
     ``patch_mask`` [B, h, w] bool (True = real patch); None means all real.
     ``image_size`` only sets the table side G = image_size // patch_size;
-    ``bucket_lanes``: see ``bucket_boundaries`` (8 reproduces torch on AVX2 / ARM CPUs).
+    ``bucket_lanes``: see ``bucket_boundaries`` (8 reproduces torch on AVX2 / ARM CPUs;
+    None: this machine's, ``torch_cpu_lanes()``).
     """
 
     width: int
@@ -122,7 +142,7 @@ class IdeficsVisionTower(nn.Module):
     dropout: float = 0.0
     remat: bool = False
     attention_fn: Callable | None = None
-    bucket_lanes: int = 8
+    bucket_lanes: int | None = None
     dtype: Any = jnp.float32
 
     @property
