@@ -55,6 +55,7 @@ from vlm_jax.models.navit import NaViT
 from vlm_jax.models.vit import ViT
 
 __all__ = ["load", "save", "image_features", "text_features", "read_config", "model_config",
+           "vision_rules",
            "hf_config", "read_safetensors", "naflex_batch", "CheckpointMismatchError",
            "HF_DEFAULTS"]
 
@@ -331,34 +332,34 @@ def _map_head(hf: str, ours: str, heads: int) -> list[Rule]:
     return rules
 
 
-def _rules(kind: str, model: TwoTower) -> list[Rule]:
-    """Every tensor correspondence for ``model`` laid out as transformers' ``kind``."""
-    img, txt = model.image, model.text
-    v, t = "vision_model", "text_model"
+def vision_rules(kind: str, tower, hf: str = "vision_model", ours: str = "img",
+                 head: bool = True) -> list[Rule]:
+    """Tensor correspondences of a transformers SigLIP / SigLIP2 / CLIP vision tower.
+
+    ``hf``: the torch key prefix of the vision model ("vision_model" inside SiglipModel /
+    CLIPModel; "" for the keys of a bare SiglipVisionModel / CLIPVisionModel as
+    transformers 5.x saves them inside a VLM); ``ours``: the '/'-joined path of our
+    tower (a ViT, or a NaViT for "siglip2"). ``head``: include SigLIP's MAP head
+    (our tower then has pool_type "map"). Used by the VLM family modules as well.
+    """
+    v = f"{hf}." if hf else ""
     if kind == "siglip2":  # NaFlex: Linear on flattened (row, col, channel) patches
         patch = (T, T)
     else:  # Conv2d [D, C, p, p] <-> [p, p, C, D]
         patch = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
     rules = [
-        one(f"{v}.embeddings.patch_embedding.weight", "img/embedding/kernel", *patch),
-        *hf_encoder(f"{v}.encoder", "img/Transformer", img.depth, img.num_heads),
-        *layernorm(f"{v}.post_layernorm", "img/Transformer/encoder_norm"),
-        one(f"{t}.embeddings.token_embedding.weight", "txt/Embed_0/embedding"),
-        one(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding",
-             add_batch, drop_batch),
-        *hf_encoder(f"{t}.encoder", "txt/Transformer", txt.depth, txt.num_heads),
-        *layernorm(f"{t}.final_layer_norm", "txt/Transformer/encoder_norm"),
+        one(f"{v}embeddings.patch_embedding.weight", f"{ours}/embedding/kernel", *patch),
+        *hf_encoder(f"{v}encoder", f"{ours}/Transformer", tower.depth, tower.num_heads),
+        *layernorm(f"{v}post_layernorm", f"{ours}/Transformer/encoder_norm"),
     ]
     if kind in ("siglip", "siglip2"):
         rules += [
-            one(f"{v}.embeddings.patch_embedding.bias", "img/embedding/bias"),
-            one(f"{v}.embeddings.position_embedding.weight", "img/pos_embedding",
+            one(f"{v}embeddings.patch_embedding.bias", f"{ours}/embedding/bias"),
+            one(f"{v}embeddings.position_embedding.weight", f"{ours}/pos_embedding",
                  add_batch, drop_batch),
-            *_map_head(f"{v}.head", "img/MAPHead_0", img.num_heads),
-            *linear(f"{t}.head", "txt/head"),
-            one("logit_scale", "t"),
-            one("logit_bias", "b"),
         ]
+        if head:
+            rules += _map_head(f"{v}head", f"{ours}/MAPHead_0", tower.num_heads)
     elif kind == "clip":
         def cls_to_ours(xs):
             c, pe = xs
@@ -369,15 +370,39 @@ def _rules(kind: str, model: TwoTower) -> list[Rule]:
             return [cls.reshape(-1), np.concatenate([np.zeros_like(pe[0, :1]), pe[0]], axis=0)]
 
         rules += [
-            Rule((f"{v}.embeddings.class_embedding", f"{v}.embeddings.position_embedding.weight"),
-                  ("img/cls", "img/pos_embedding"), cls_to_ours, cls_to_hf),
-            *layernorm(f"{v}.pre_layrnorm", "img/pre_norm"),
+            Rule((f"{v}embeddings.class_embedding", f"{v}embeddings.position_embedding.weight"),
+                  (f"{ours}/cls", f"{ours}/pos_embedding"), cls_to_ours, cls_to_hf),
+            *layernorm(f"{v}pre_layrnorm", f"{ours}/pre_norm"),
+        ]
+    else:
+        raise NotImplementedError(f"no weight layout for {kind!r}")
+    return rules
+
+
+def _rules(kind: str, model: TwoTower) -> list[Rule]:
+    """Every tensor correspondence for ``model`` laid out as transformers' ``kind``."""
+    txt = model.text
+    t = "text_model"
+    rules = [
+        *vision_rules(kind, model.image, "vision_model", "img"),
+        one(f"{t}.embeddings.token_embedding.weight", "txt/Embed_0/embedding"),
+        one(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding",
+             add_batch, drop_batch),
+        *hf_encoder(f"{t}.encoder", "txt/Transformer", txt.depth, txt.num_heads),
+        *layernorm(f"{t}.final_layer_norm", "txt/Transformer/encoder_norm"),
+    ]
+    if kind in ("siglip", "siglip2"):
+        rules += [
+            *linear(f"{t}.head", "txt/head"),
+            one("logit_scale", "t"),
+            one("logit_bias", "b"),
+        ]
+    else:  # clip
+        rules += [
             *linear("visual_projection", "img/head", bias=False),
             *linear("text_projection", "txt/head", bias=False),
             one("logit_scale", "t", lambda x: np.reshape(x, (1,)), lambda y: np.reshape(y, ())),
         ]
-    else:
-        raise NotImplementedError(f"no weight layout for {kind!r}")
     return rules
 
 
