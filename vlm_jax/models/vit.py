@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models import layers, resnet
+from vlm_jax.models import layers, resnet, tome
 
 # Published widths/depths/MLP dims/heads (Zhai et al. 2021, "Scaling Vision
 # Transformers", Table 2; So400m from Alabdulmohsin et al. 2023, "Getting ViT in
@@ -87,6 +87,15 @@ class ViT(nn.Module):
     Learned posembs are stored for ``image_size`` and resized bilinearly for other
     input sizes; sincos2d posembs are computed for the input grid.
     ``attention_fn`` is passed to every attention layer (see layers.attention).
+
+    ``tome_r`` > 0 (an int, or one int per block) turns on Token Merging
+    (``models/tome.py``): each block merges up to r tokens after its attention,
+    attention is proportional to token size, GAP is a size-weighted mean and the
+    MAP probe gets the log-size bias; the CLS token (pool "tok") is never merged.
+    Then "tokens", "encoded" and "encoder/block{i:02d}" have fewer tokens and
+    out["token_sizes"] [B, N'(+1)] float32 gives how many patches (or the CLS)
+    each of out["tokens"] stands for. Same parameters as tome_r=0; attention
+    weights are not sown (explain.py needs tome_r=0). tome_r=0 is the plain ViT.
     """
 
     width: int
@@ -111,6 +120,7 @@ class ViT(nn.Module):
     remat: bool = False
     attention_fn: Callable | None = None
     dtype: Any = jnp.float32
+    tome_r: int | Sequence[int] = 0
 
     def _check(self):
         for field, value, allowed in (("pool_type", self.pool_type, POOL_TYPES),
@@ -189,18 +199,37 @@ class ViT(nn.Module):
             x = layers.layer_norm("pre_norm", self.ln_eps, self.dtype)(x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
 
-        x, enc_out = layers.Encoder(
-            depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-            dropout=self.dropout, act=self.act, ln_eps=self.ln_eps,
-            attention_fn=self.attention_fn, remat=self.remat, dtype=self.dtype,
-            name="Transformer")(x, None, train)
+        schedule = tome.parse_r(self.tome_r, self.depth)
+        sizes = None
+        if not schedule:
+            x, enc_out = layers.Encoder(
+                depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                dropout=self.dropout, act=self.act, ln_eps=self.ln_eps,
+                attention_fn=self.attention_fn, remat=self.remat, dtype=self.dtype,
+                name="Transformer")(x, None, train)
+        else:
+            if self.is_mutable_collection("intermediates"):
+                raise ValueError("ViT with tome_r > 0 does not sow attention weights (token "
+                                 "counts change per block); use tome_r=0 for attention maps")
+            x, enc_out, sizes = tome.ToMeEncoder(
+                depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                r=schedule, protect_first=self.pool_type == "tok", dropout=self.dropout,
+                act=self.act, ln_eps=self.ln_eps, attention_fn=self.attention_fn,
+                remat=self.remat, dtype=self.dtype, name="Transformer")(x, None, train)
+            out["token_sizes"] = sizes
         out.update({f"encoder/{k}": v for k, v in enc_out.items()})
         out["tokens"] = encoded = x
 
-        if self.pool_type == "map":
+        if self.pool_type == "map" and sizes is not None:
+            x = tome.ToMeMAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads, act=self.act,
+                                 ln_eps=self.ln_eps, attention_fn=self.attention_fn,
+                                 dtype=self.dtype, name="MAPHead_0")(x, sizes)
+        elif self.pool_type == "map":
             x = layers.MAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads, act=self.act,
                                ln_eps=self.ln_eps, attention_fn=self.attention_fn,
                                dtype=self.dtype, name="MAPHead_0")(x)
+        elif self.pool_type == "gap" and sizes is not None:
+            x = tome.weighted_mean(x, sizes)
         elif self.pool_type == "gap":
             x = jnp.mean(x, axis=1)
         elif self.pool_type == "tok":
