@@ -1,4 +1,4 @@
-"""Encode images and texts with a trained two-tower model, for users and notebooks.
+"""Encode images and texts with a trained two-tower model, caption images with a captioner.
 
     ckpt = vlm_jax.checkpoint.load(workdir)
     zimg = encode_images(ckpt.model, {"params": ckpt.params}, images)   # [N, D]
@@ -14,6 +14,9 @@ Pixel values: uint8 images (0-255) are mapped linearly onto ``value_range``
 already normalised. No token dropping or resolution sampling ever happens here.
 Results are the towers' outputs before L2 normalisation (as ``encode_image`` /
 ``encode_text``); ``normalize=True`` returns unit vectors.
+
+    texts = caption(ckpt.model, ckpt.variables, images)               # greedy
+    texts = caption(ckpt.model, ckpt.variables, images, beam_size=4)  # beam search
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from vlm_jax.data.tokenizers import ByteTokenizer
 from vlm_jax.numeric import normalize as normalize_rows
 from vlm_jax.models.navit import NaViT
 
-__all__ = ["encode_images", "encode_texts"]
+__all__ = ["encode_images", "encode_texts", "caption"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,3 +180,69 @@ def encode_texts(model, variables, texts: Sequence[str], *, tokenizer: Any = Non
                                 np.float32)[:stop - start])
     out = np.concatenate(parts)
     return normalize_rows(out) if normalize else out
+
+
+def caption(model, variables, images: Sequence[Any], *, max_len: int | None = None,
+            beam_size: int = 1, tokenizer: Any = None, batch_size: int | None = None,
+            value_range: Sequence[float] = (-1.0, 1.0), length_penalty: float = 0.0,
+            return_scores: bool = False):
+    """Captions of ``images`` from a captioner (``models.captioner.Captioner``), in input order.
+
+    Args:
+      model, variables: the captioner and its variables ({"params": ...}).
+      images: N arrays H x W x 3 (or H x W), uint8 0-255 or already-normalised
+        floats; resized (squashed) to the tower's image_size as ``encode_images`` does.
+      max_len: tokens to generate at most (default: the decoder's max_len).
+      beam_size: 1 = greedy; more = beam search keeping that many beams.
+      tokenizer: anything with ``decode`` and ``eos_id`` / ``pad_id``; default the
+        byte tokenizer (the decoder's vocabulary must then be 258).
+      batch_size: images per jit-compiled decoding call (default 64; the last
+        batch is padded to the same size, one compiled shape).
+      value_range: where uint8 pixels 0-255 are mapped.
+      length_penalty: beam search ranks by score / length ** length_penalty.
+      return_scores: also return the captions' summed token log-probabilities.
+    Returns:
+      list of N strings (decoding stops at EOS), or (strings, float32 [N] scores).
+    """
+    from vlm_jax.models.captioner import Captioner, generate_fn  # pylint: disable=import-outside-toplevel
+    if not isinstance(model, Captioner):
+        raise ValueError(f"caption needs a Captioner (model.captioner.mode set), got "
+                         f"{type(model).__name__}")
+    if len(images) == 0:
+        raise ValueError("caption got no images")
+    if int(beam_size) < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    dec = model.decoder
+    max_len = int(max_len or dec.max_len)
+    if not 1 <= max_len <= dec.max_len:
+        raise ValueError(f"max_len={max_len} must be in [1, the decoder's max_len={dec.max_len}]")
+    if tokenizer is None:
+        tokenizer = ByteTokenizer(max(max_len, 2))
+        if dec.vocab_size != tokenizer.vocab_size:
+            raise ValueError(
+                f"the decoder has a vocabulary of {dec.vocab_size}, not the byte tokenizer's "
+                f"{tokenizer.vocab_size}: pass the run's tokenizer, e.g. tokenizer=vlm_jax."
+                "data.tokenizers.build_tokenizer(ckpt.config.tokenizer)")
+    if tokenizer.eos_id is None:
+        raise ValueError("caption needs a tokenizer with an EOS id")
+    size = model.image.image_size
+    hw = (size, size) if np.isscalar(size) else tuple(size)
+    arrays = []
+    for i, im in enumerate(images):
+        a = _check(im, f"images[{i}]")
+        if a.dtype == np.uint8:
+            a = preprocess.normalize(preprocess.resize_crop(a, hw, "resize"), value_range)
+        elif a.shape[:2] != hw:
+            a = packing.resize_image(a, hw)
+        arrays.append(a)
+    fn = generate_fn(model, max_len=max_len, eos_id=int(tokenizer.eos_id),
+                     pad_id=int(tokenizer.pad_id), beam_size=int(beam_size),
+                     length_penalty=float(length_penalty))
+    bs = int(batch_size or 64)
+    texts, scores = [], []
+    for start, stop in _batches(len(arrays), bs):
+        x = _pad_rows(np.stack(arrays[start:stop]), min(bs, len(arrays)))
+        tokens, score = fn(variables, x)
+        texts += list(tokenizer.decode(np.asarray(tokens)[:stop - start]))
+        scores.append(np.asarray(score, np.float32)[:stop - start])
+    return (texts, np.concatenate(scores)) if return_scores else texts

@@ -12,10 +12,12 @@ their data once, when built, and ``run(params)`` embeds it with ``params``
     retrieval      "retrieval/{i2t,t2i}_r{1,5,10}"       evaluators/retrieval.py
     linear_probe   "linear_probe/top1"                   evaluators/linear_probe.py
     classification "val/top1", "val/top5", "val/loss"    evaluators/classification.py
+    caption        "caption/attr_accuracy", "caption/token_accuracy", "caption/loss"
+                                                         evaluators/caption.py
 
 Which of them a run uses is the task's choice (``tasks.<task>.EVALUATORS``):
 contrastive runs zero-shot, retrieval and linear probe; classification runs
-classification and linear probe. ``params`` may be whole variables (BatchNorm's
+classification and linear probe; captioning runs caption. ``params`` may be whole variables (BatchNorm's
 ``batch_stats`` included).
 
 Any section may read another source: ``config.evals.zeroshot.data =
@@ -28,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from vlm_jax.evaluators.caption import CaptionEvaluator
 from vlm_jax.evaluators.classification import ClassificationEvaluator
 from vlm_jax.evaluators.data import TFDS_PRESETS, tfds_data
 from vlm_jax.evaluators.encoder import Encoder
@@ -38,7 +41,7 @@ from vlm_jax.evaluators.zeroshot import ZeroShotEvaluator
 __all__ = ["EVALUATORS", "Evaluators", "build_evaluators", "enabled_names", "metric_names",
            "tfds_data",
            "TFDS_PRESETS", "Encoder", "ZeroShotEvaluator", "RetrievalEvaluator",
-           "LinearProbeEvaluator", "ClassificationEvaluator"]
+           "LinearProbeEvaluator", "ClassificationEvaluator", "CaptionEvaluator"]
 
 # config.evals section name -> evaluator class (constructor (config, model, *, mesh, encoder,
 # tokenizer, workdir); ``run(params, step=None) -> dict``).
@@ -47,6 +50,7 @@ EVALUATORS = {
     "retrieval": RetrievalEvaluator,
     "linear_probe": LinearProbeEvaluator,
     "classification": ClassificationEvaluator,
+    "caption": CaptionEvaluator,
 }
 
 
@@ -110,6 +114,8 @@ def metric_names(config, names: Sequence[str] | None = None) -> list[str]:
       out += [f"retrieval/{d}_r{int(k)}" for d in ("i2t", "t2i") for k in ks]
     elif name == "classification":
       out += ["val/top1", "val/top5", "val/loss"]
+    elif name == "caption":
+      out += ["caption/token_accuracy", "caption/loss", "caption/attr_accuracy"]
     else:
       out.append(f"{name}/top1")
   return out

@@ -33,6 +33,10 @@ key is an error):
     model.image.ln_eps         1e-6
     model.image.remat          False      rematerialise each encoder block
     model.image.stem_depths    (3, 4, 9)  stem "resnet" (hybrid ViT, R50+B/16): ResNet stages
+    model.image.tome_r         0          Token Merging (models/tome.py): tokens merged per
+                                          block, an int or a per-block tuple; 0 = plain ViT
+                                          (type "vit" only; a tuple replaces the int default
+                                          in a dict config or under ``ignore_type()``)
   CNN towers (type "resnet" | "bit" | "convnext" | "clip_resnet"; models/resnet.py,
   convnext.py, clip_resnet.py). They return pooled features; in a two-tower,
   model.image.head=True projects them to out_dim (clip_resnet's attention pool
@@ -88,6 +92,15 @@ key is an error):
     model.bias_init            -10.0      None -> no bias param, b = 0 (CLIP)
     model.dtype                "float32"  compute dtype: "float32" | "bfloat16" | "float16";
                                           params are always float32
+  Captioner (task "captioning", models/captioner.py; the decoder takes model.text's
+  width / depth / mlp_dim / num_heads / vocab_size / max_len / dropout / act / ln_eps):
+    model.captioner.mode       ""         "prefix" (LLaVA) | "cross" (Flamingo); "" = none
+    model.captioner.tie_embeddings True   logits from the token embedding; False: a head
+    model.captioner.cross_every 1         cross mode: cross-attention every k-th block
+    model.captioner.gated      True       cross mode: tanh-gated cross-attention
+    model.captioner.gate_init  0.0
+    model.captioner.parallel_fraction 0.0 CapPa parallel prediction: rows that see only BOS
+    model.connector            (models/connectors.py) type, out_dim (None: decoder width), ...
 
 The default is SigLIP B/16 (203,155,970 params, as transformers' SiglipModel()).
 
@@ -120,6 +133,7 @@ __all__ = [
     "count_params", "resolve_config", "ViT", "TextTransformer", "TwoTower", "decode_variant",
     "decode_text_variant", "l2_normalize", "layers", "text", "two_tower", "vit", "navit", "NaViT",
     "IMAGE_TYPES", "ImageClassifier", "init_inputs", "is_classifier", "as_variables",
+    "is_captioner",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -136,7 +150,7 @@ def _defaults() -> dict:
             stem_features=(64, 128, 256), stem_strides=(2, 2, 2), head=False, head_bias=True,
             patch_bias=True, pre_norm=False, dropout=0.0, act="gelu_tanh", ln_eps=1e-6,
             remat=False, posemb_coords="absolute", posemb_size=None, attention="reference",
-            seq_len=256, max_images=16, stem_depths=(3, 4, 9),
+            seq_len=256, max_images=16, stem_depths=(3, 4, 9), tome_r=0,
             # CNN towers (type resnet | bit | convnext | clip_resnet); None: from the variant.
             stage_depths=None, widths=None, base_width=64, width_factor=1, bn_momentum=0.9,
             bn_eps=1e-5, zero_init_residual=True, root="imagenet", preact=True, drop_path=0.0,
@@ -151,12 +165,57 @@ def _defaults() -> dict:
         temperature_init=10.0,
         bias_init=-10.0,
         dtype="float32",
+        # Captioner (task "captioning"; models/captioner.py): image tower (pool "none")
+        # -> connector -> causal decoder shaped by model.text.
+        captioner=dict(
+            mode="",                   # "" (not a captioner) | "prefix" (LLaVA) | "cross" (Flamingo)
+            tie_embeddings=True,       # logits = LN(x) @ token embedding^T; False: a head Dense
+            cross_every=1,             # cross mode: cross-attention in blocks 0, k, 2k, ...
+            gated=True,                # cross mode: tanh(gate) * cross-attention (Flamingo)
+            gate_init=0.0,
+            parallel_fraction=0.0,     # CapPa: fraction of training rows that see only BOS
+        ),
+        connector=_connector_defaults(),
     )
+
+
+def _connector_defaults() -> dict:
+    """model.connector: ``models.connectors.default_config()`` as a dict."""
+    from vlm_jax.models import connectors  # pylint: disable=import-outside-toplevel
+    return connectors.default_config().to_dict()
+
+
+def _captioner_kwargs(cfg: dict) -> dict | None:
+    """model.captioner -> ``captioner.from_resolved`` kwargs, or None when mode is ""."""
+    cap = cfg["captioner"]
+    if not cap["mode"]:
+        return None
+    from vlm_jax.models import captioner  # pylint: disable=import-outside-toplevel
+    if cap["mode"] not in captioner.MODES:
+        raise ValueError(f"model.captioner.mode={cap['mode']!r} is not one of "
+                         f"{('',) + captioner.MODES}")
+    if cfg["num_classes"] is not None:
+        raise ValueError("model.num_classes and model.captioner.mode are both set; a model is "
+                         "a classifier or a captioner")
+    if not 0.0 <= float(cap["parallel_fraction"]) <= 1.0:
+        raise ValueError(f"model.captioner.parallel_fraction must be in [0, 1], got "
+                         f"{cap['parallel_fraction']!r}")
+    if int(cap["cross_every"]) < 1:
+        raise ValueError(f"model.captioner.cross_every must be >= 1, got {cap['cross_every']!r}")
+    return dict(cap)
+
+
+def is_captioner(model_config) -> bool:
+    """True when ``model_config`` builds a ``Captioner`` (model.captioner.mode is set)."""
+    cap = model_config.get("captioner") if hasattr(model_config, "get") else None
+    return bool(cap and cap.get("mode"))
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every model field with its default (SigLIP B/16), locked: unknown keys raise."""
     cfg = ml_collections.ConfigDict(_defaults())
+    from vlm_jax.models import connectors  # pylint: disable=import-outside-toplevel
+    cfg.connector = connectors.default_config()  # its field types (feature_layers: int | str | list)
     cfg.lock()
     return cfg
 
@@ -203,6 +262,9 @@ def resolve_config(model_config) -> dict:
     "num_classes", "head_init"}; raises ValueError naming the field at fault.
     """
     cfg = _merge(_defaults(), _as_dict(model_config), "model")
+    captioner = _captioner_kwargs(cfg)
+    if captioner is not None:  # the decoder takes the tower's tokens, not a pooled embedding
+        cfg["image"] = dict(cfg["image"], pool_type="none", head=False)
     img, txt = cfg["image"], cfg["text"]
     if cfg["dtype"] not in _DTYPES:
         raise ValueError(f"model.dtype={cfg['dtype']!r} is not one of {sorted(_DTYPES)}")
@@ -220,7 +282,11 @@ def resolve_config(model_config) -> dict:
                   dtype=dtype, num_classes=None if num_classes is None else int(num_classes),
                   head_init=cfg["head_init"], image_head=bool(img["head"]),
                   explicit_out_dim=cfg["out_dim"],
-                  image_head_bias=bool(img["head_bias"]))
+                  image_head_bias=bool(img["head_bias"]),
+                  captioner=captioner, connector=cfg["connector"])
+    if img["type"] != "vit" and _tome_r(img["tome_r"]) != 0:
+        raise ValueError(f"model.image.tome_r={img['tome_r']!r}: Token Merging needs "
+                         f"model.image.type='vit', not {img['type']!r}")
     if img["type"] in CNN_TYPES:
         # The ViT default "map" has no CNN meaning: CNNs average-pool their last map.
         return dict(common, image=dict(img, pool_type="gap" if img["pool_type"] == "map"
@@ -243,8 +309,9 @@ def resolve_config(model_config) -> dict:
             head=out_dim if img["head"] else None,
             head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
             pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
-            ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype)
-    if num_classes is None and not img["head"]:
+            ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype,
+            tome_r=_tome_r(img["tome_r"]))
+    if num_classes is None and not img["head"] and captioner is None:
         d_img = image_kw["width"]
         if img["pool_type"] == "none":
             raise ValueError("model.image.pool_type='none' gives tokens, not one embedding "
@@ -254,6 +321,21 @@ def resolve_config(model_config) -> dict:
                              f"image width {d_img}, which differs from model.out_dim="
                              f"{out_dim}; set model.image.head=True")
     return dict(common, image=image_kw)
+
+
+def _tome_r(value):
+    """model.image.tome_r -> 0 (off), a non-negative int, or a tuple of them (per block)."""
+    if value is None:
+        return 0
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+                   for v in value):
+            raise ValueError(f"model.image.tome_r={value!r}: a schedule needs ints >= 0")
+        return tuple(int(v) for v in value) if any(value) else 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"model.image.tome_r must be an int >= 0 or a tuple of them, "
+                         f"got {value!r}")
+    return int(value)  # 0: off
 
 
 def _text_kwargs(txt: dict, out_dim, dtype) -> dict:
@@ -342,10 +424,15 @@ def build(model_config) -> TwoTower | ImageClassifier:
 
     model.image.type "vit" -> ``ViT``; "navit" / "naflex" -> ``NaViT``.
     model.num_classes None -> a ``TwoTower``; set -> an ``ImageClassifier`` of the
-    image tower (the text fields are then unused).
+    image tower (the text fields are then unused). model.captioner.mode "prefix" |
+    "cross" -> a ``captioner.Captioner`` (image tower with pool "none", model.connector,
+    a causal decoder shaped by model.text).
     """
     r = resolve_config(model_config)
     tower = _image_tower(r)
+    if r["captioner"] is not None:
+        from vlm_jax.models import captioner  # pylint: disable=import-outside-toplevel
+        return captioner.from_resolved(r, tower)
     if r["num_classes"] is not None:
         return ImageClassifier(encoder=tower, num_classes=r["num_classes"],
                                head_init=r["head_init"], dtype=r["dtype"])

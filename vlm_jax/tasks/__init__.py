@@ -1,6 +1,7 @@
 """Training objectives: one module per task, one loop (``vlm_jax.train``) for all.
 
     task = vlm_jax.tasks.get(config)       # by config.task: "contrastive" | "classification"
+                                           # | "captioning"
 
 A task module owns its batch format, loss, metrics, evaluators and data:
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ("contrastive", "classification")
+TASKS = ("contrastive", "classification", "captioning")
 
 
 def get(config_or_name) -> ModuleType:
