@@ -124,7 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c = data_config.default_config()       # data, pp, tokenizer, evals
   # The objective (a module in vlm_jax/tasks/): "contrastive" (image-text, SigLIP /
-  # CLIP) | "classification" (labels; model.num_classes from the data).
+  # CLIP) | "classification" (labels; model.num_classes from the data) | "captioning"
+  # (image -> connector -> causal decoder; model.captioner, model.connector).
   c.task = "contrastive"
   c.classification = classification.default_config()  # label smoothing, mixup, cutmix
   c.seed = 0
