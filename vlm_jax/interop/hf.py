@@ -427,7 +427,7 @@ def load(path: str, *, overrides: Mapping | None = None) -> tuple[TwoTower, dict
     model.safetensors.index.json) of a SiglipModel, Siglip2Model (-> a NaFlex
     image tower, model.image.type "naflex") or CLIPModel; or of a VLM whose
     vision front-end a family module reads (see ``_FAMILIES``: LLaVA, PaliGemma,
-    BLIP-2, Idefics3, and standalone Q-Former / Perceiver Resampler).
+    BLIP-2, Idefics2, Idefics3, and standalone Q-Former / Perceiver Resampler).
     overrides: model-config fields to change that do not affect the weights,
     e.g. {"dtype": "bfloat16", "image": {"remat": True}}.
     Returns an unbound ``TwoTower`` and {"params": ...} of float32 jax arrays.
