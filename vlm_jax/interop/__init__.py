@@ -11,7 +11,11 @@ mismatches. Neither module imports torch.
 
 One module per weight format, behind one entry point each:
 
-    hf           transformers SiglipModel / Siglip2Model / CLIPModel directories
+    hf           transformers SiglipModel / Siglip2Model / CLIPModel directories, and
+                 the vision front-ends (tower + connector) of VLM directories, one
+                 module per family: hf_llava, hf_paligemma, hf_blip2 (also a standalone
+                 Blip2QFormerModel), hf_idefics2 (also a standalone Perceiver Resampler),
+                 hf_idefics3; ``hf.load`` picks it from config.json's model_type
     big_vision   big_vision SigLIP .npz checkpoints
     torchvision  torchvision ResNet / ConvNeXt state dicts
     open_clip    open_clip CLIP models (ModifiedResNet and ViT image towers)
