@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.interop.hf_blip2 import _dtype, _numpy, _params, _shapes
+from vlm_jax.interop.hf_idefics3 import split_frames
 from vlm_jax.interop.torch_layout import (
     T, apply_rules, hf_encoder, layernorm, one, out_kernel, qkv_kernel, read_safetensors)
 from vlm_jax.models import layers
@@ -206,30 +207,10 @@ def _load_frontend(path: str, hf_cfg: Mapping, dtype):
 def prepare_images(patch_size: int, pixel_values, pixel_attention_mask=None):
     """Idefics2 processor outputs -> (images [n, H, W, C], patch_mask [n, H/p, W/p], counts [B]).
 
-    pixel_values [B, N, C, H, W]; pixel_attention_mask [B, N, H, W] (1 = real pixel)
-    or None. Padding frames (all pixels 0) are dropped; a patch is real when all
-    its pixels are (pixels beyond a multiple of p are ignored, as the conv does).
+    As ``hf_idefics3.split_frames``, except that a patch is real when all its
+    pixels are (Idefics2's rule).
     """
-    pv = _numpy(pixel_values).astype(np.float32)
-    if pv.ndim != 5:
-        raise ValueError(f"pixel_values must be [B, N_images, C, H, W], got shape {pv.shape}")
-    b, n, c, h, w = pv.shape
-    p = int(patch_size)
-    if h < p or w < p:
-        raise ValueError(f"images {h}x{w} are smaller than one {p}x{p} patch")
-    flat = pv.reshape(b * n, c, h, w)
-    real = ~np.all(flat == 0.0, axis=(1, 2, 3))
-    images = np.transpose(flat[real], (0, 2, 3, 1))
-    if pixel_attention_mask is None:
-        pmask = np.ones((images.shape[0], h // p, w // p), bool)
-    else:
-        m = _numpy(pixel_attention_mask)
-        if m.shape != (b, n, h, w):
-            raise ValueError(f"pixel_attention_mask shape {m.shape} != [B, N_images, H, W] = "
-                             f"{(b, n, h, w)}")
-        m = m.reshape(b * n, h, w)[real][:, :h // p * p, :w // p * p] != 0
-        pmask = m.reshape(-1, h // p, p, w // p, p).all(axis=(2, 4))
-    return images, pmask, real.reshape(b, n).sum(axis=1)
+    return split_frames(patch_size, pixel_values, pixel_attention_mask, "all")
 
 
 @functools.lru_cache(maxsize=16)

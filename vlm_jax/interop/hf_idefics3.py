@@ -161,21 +161,33 @@ def prepare_images(model: Idefics3FrontEnd, pixel_values, pixel_attention_mask=N
     """Processor outputs -> (images [n, H, W, C] float32, patch_mask [n, H/p, W/p] bool, counts [B]).
 
     pixel_values [B, N, C, H, W]; pixel_attention_mask [B, N, H, W] (1 = real pixel)
-    or None (all real). Images whose pixels are all exactly 0 are padding frames
-    and are dropped; ``counts`` is the number of real images per sample. A patch
-    is real when any of its pixels is (extra rows / columns beyond a multiple of
-    the patch size are ignored, as the patch conv does).
+    or None (all real). See ``split_frames``; in Idefics3 a patch is real when any
+    of its pixels is.
+    """
+    return split_frames(model.tower.patch_size, pixel_values, pixel_attention_mask, "any")
+
+
+def split_frames(patch_size: int, pixel_values, pixel_attention_mask=None,
+                 real_patch: str = "any"):
+    """Idefics-style image batches -> (images [n, H, W, C] float32, patch_mask [n, H/p, W/p]
+    bool, counts [B]).
+
+    Images whose pixels are all exactly 0 are padding frames and are dropped;
+    ``counts`` is the number of real images per sample. A patch is real when
+    ``real_patch`` ("any": Idefics3; "all": Idefics2) of its pixels are real in
+    pixel_attention_mask (extra rows / columns beyond a multiple of the patch size
+    are ignored, as the patch conv does).
     """
     pv = _numpy(pixel_values).astype(np.float32)
     if pv.ndim != 5:
-        raise ValueError(f"pixel_values must be [B, N_images, C, H, W] (Idefics3 processor "
+        raise ValueError(f"pixel_values must be [B, N_images, C, H, W] (Idefics processor "
                          f"output), got shape {pv.shape}")
     b, n, c, h, w = pv.shape
     flat = pv.reshape(b * n, c, h, w)
     real = ~np.all(flat == 0.0, axis=(1, 2, 3))
     counts = real.reshape(b, n).sum(axis=1)
     images = np.transpose(flat[real], (0, 2, 3, 1))
-    p = model.tower.patch_size
+    p = int(patch_size)
     if h < p or w < p:
         raise ValueError(f"images {h}x{w} are smaller than one {p}x{p} patch")
     if pixel_attention_mask is None:
@@ -186,7 +198,8 @@ def prepare_images(model: Idefics3FrontEnd, pixel_values, pixel_attention_mask=N
             raise ValueError(f"pixel_attention_mask shape {m.shape} != [B, N_images, H, W] = "
                              f"{(b, n, h, w)}")
         m = m.reshape(b * n, h, w)[real][:, :h // p * p, :w // p * p] != 0
-        pmask = m.reshape(-1, h // p, p, w // p, p).any(axis=(2, 4))
+        blocks = m.reshape(-1, h // p, p, w // p, p)
+        pmask = blocks.all(axis=(2, 4)) if real_patch == "all" else blocks.any(axis=(2, 4))
     return images, pmask, counts
 
 
