@@ -59,3 +59,36 @@ def override(config, overrides: dict):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def spy_safetensors_reads(monkeypatch) -> list[str]:
+  """Records every tensor key read through ``safetensors.safe_open`` (get_tensor /
+  get_slice) from now on, for tests that a loader never reads some tensors."""
+  import safetensors  # pylint: disable=import-outside-toplevel
+  read: list[str] = []
+  real_open = safetensors.safe_open
+
+  class Spy:
+    def __init__(self, *a, **k):
+      self.f = real_open(*a, **k)
+
+    def __enter__(self):
+      self.inner = self.f.__enter__()
+      return self
+
+    def __exit__(self, *exc):
+      return self.f.__exit__(*exc)
+
+    def keys(self):
+      return self.inner.keys()
+
+    def get_slice(self, k):
+      read.append(k)
+      return self.inner.get_slice(k)
+
+    def get_tensor(self, k):
+      read.append(k)
+      return self.inner.get_tensor(k)
+
+  monkeypatch.setattr(safetensors, "safe_open", Spy)
+  return read

@@ -14,6 +14,7 @@ tr = pytest.importorskip("transformers")
 
 from transformers.models.idefics3 import modeling_idefics3 as mi  # noqa: E402
 
+from recipes import spy_safetensors_reads  # noqa: E402
 from vlm_jax.interop import CheckpointMismatchError, flatten, hf, hf_idefics3  # noqa: E402
 from vlm_jax.models import idefics_vision  # noqa: E402
 from vlm_jax.models.pixel_shuffle import PixelShuffleProjector, pixel_shuffle  # noqa: E402
@@ -153,32 +154,8 @@ def test_base_model_key_layout_loads_and_language_model_is_never_read(idefics3, 
     path, old, ref_masked, _ = idefics3
     import safetensors
 
-    read = []
     real_open = safetensors.safe_open
-
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real_open(*a, **k)
-
-        def __enter__(self):
-            self.h = self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.h.keys()
-
-        def get_slice(self, k):
-            read.append(k)
-            return self.h.get_slice(k)
-
-        def get_tensor(self, k):
-            read.append(k)
-            return self.h.get_tensor(k)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    read = spy_safetensors_reads(monkeypatch)
     model, variables = hf.load(path)
     model_old, variables_old = hf.load(old)
     with real_open(os.path.join(path, "model.safetensors"), "np") as f:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from recipes import spy_safetensors_reads
 from vlm_jax.interop import CheckpointMismatchError, hf
 from vlm_jax.models.qformer import QFormer
 from vlm_jax.models.resampler import PerceiverResampler
@@ -65,36 +66,9 @@ def blip2(tmp_path_factory):
 
 
 def test_blip2_image_features_both_layouts(blip2, monkeypatch):
-    import safetensors
-
     dirs, px, ref = blip2
     assert ref.shape == (3, 7, 24)
-    read = []
-    real_open = safetensors.safe_open
-
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real_open(*a, **k)
-
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *a):
-            return self.f.__exit__(*a)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_slice(self, k):
-            read.append(k)
-            return self.inner.get_slice(k)
-
-        def get_tensor(self, k):
-            read.append(k)
-            return self.inner.get_tensor(k)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    read = spy_safetensors_reads(monkeypatch)
     for layout, path in dirs.items():
         read.clear()
         model, variables = hf.load(path)
