@@ -53,15 +53,10 @@ def get_config(arg=None):
   c.tokenizer.max_len = 32              # captions name colour and shape within ~30 bytes
 
   m = c.model
-  # The demo's image tower (configs/siglip_shapes.py), so its checkpoint loads by path.
-  m.image.variant = None
-  m.image.width, m.image.depth, m.image.mlp_dim, m.image.num_heads = 128, 3, 256, 4
-  m.image.patch_size = 1
-  m.image.image_size = 32
-  m.image.stem = "conv"
-  m.image.stem_features = (32, 64, 128)
-  m.image.stem_strides = (2, 2, 2)
-  m.image.posemb = "learn"
+  # The demo's image tower (configs/siglip_shapes.py, runlocal's for runlocal), so a
+  # demo checkpoint loads by path (stage1=); the captioner takes its tokens (pool "none").
+  m.image.update(config_util.recipe("siglip_shapes", "runlocal" if arg.runlocal else None)
+                 .model.image)
   # The decoder (model.text's shape fields).
   m.text.variant = None
   m.text.width, m.text.depth, m.text.mlp_dim, m.text.num_heads = 64, 2, 256, 2
@@ -96,8 +91,6 @@ def get_config(arg=None):
     c.eval_every = c.total_steps
     c.checkpoint_every = 3
     c.optimizer.warmup_steps = 2
-    m.image.width, m.image.depth, m.image.mlp_dim, m.image.num_heads = 32, 1, 64, 2
-    m.image.stem_features = (8, 16, 32)
     m.text.width, m.text.depth, m.text.mlp_dim, m.text.num_heads = 32, 1, 64, 2
     m.connector.num_heads = 2
     m.connector.depth = 1

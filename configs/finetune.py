@@ -24,18 +24,7 @@ Variants (``--config configs/finetune.py:ARG``, combinable: ``lora,runlocal``):
                  (init.workdir must then be a runlocal run)
 """
 
-import importlib.util
-import os
-
 from vlm_jax import config_util
-
-
-def _shapes_recipe(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_shapes.py")
-  spec = importlib.util.spec_from_file_location("siglip_shapes_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -43,7 +32,7 @@ def get_config(arg=None):
                               rank=8)
   if sum((arg.freeze_vision, arg.lora, arg.full)) > 1:
     raise ValueError(f"configs/finetune.py: choose one of freeze_vision, lora, full; got {arg}")
-  c = _shapes_recipe("runlocal" if arg.runlocal else None)  # the model the demo trained
+  c = config_util.recipe("siglip_shapes", "runlocal" if arg.runlocal else None)  # the demo's model
 
   # The shift.
   c.data.shapes.image_size = 16

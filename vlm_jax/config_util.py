@@ -111,6 +111,18 @@ def _validate_keep_best(config) -> None:
         f"config.eval_every={every} must be a multiple of config.checkpoint_every={ckpt}")
 
 
+def recipe(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``configs/<name>.py``'s ``get_config(arg)``, for recipes built on another one."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"{name}_recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The shared base of every recipe: all top-level fields with their defaults.
 
