@@ -30,8 +30,12 @@ Variants (``--config configs/captioner_shapes.py:ARG``, combinable with commas):
   runlocal        a tiny model and a few steps, for smoke runs and tests
 """
 
+import os
+
 from vlm_jax import config_util
 from vlm_jax.tasks import captioning
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_shapes.py")
 
 
 def get_config(arg=None):
@@ -55,7 +59,7 @@ def get_config(arg=None):
   m = c.model
   # The demo's image tower (configs/siglip_shapes.py, runlocal's for runlocal), so a
   # demo checkpoint loads by path (stage1=); the captioner takes its tokens (pool "none").
-  m.image.update(config_util.recipe("siglip_shapes", "runlocal" if arg.runlocal else None)
+  m.image.update(config_util.recipe(DEMO, "runlocal" if arg.runlocal else None)
                  .model.image)
   # The decoder (model.text's shape fields).
   m.text.variant = None

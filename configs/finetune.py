@@ -24,7 +24,11 @@ Variants (``--config configs/finetune.py:ARG``, combinable: ``lora,runlocal``):
                  (init.workdir must then be a runlocal run)
 """
 
+import os
+
 from vlm_jax import config_util
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_shapes.py")
 
 
 def get_config(arg=None):
@@ -32,7 +36,7 @@ def get_config(arg=None):
                               rank=8)
   if sum((arg.freeze_vision, arg.lora, arg.full)) > 1:
     raise ValueError(f"configs/finetune.py: choose one of freeze_vision, lora, full; got {arg}")
-  c = config_util.recipe("siglip_shapes", "runlocal" if arg.runlocal else None)  # the demo's model
+  c = config_util.recipe(DEMO, "runlocal" if arg.runlocal else None)  # the demo's model
 
   # The shift.
   c.data.shapes.image_size = 16

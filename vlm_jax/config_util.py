@@ -111,12 +111,12 @@ def _validate_keep_best(config) -> None:
         f"config.eval_every={every} must be a multiple of config.checkpoint_every={ckpt}")
 
 
-def recipe(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """``configs/<name>.py``'s ``get_config(arg)``, for recipes built on another one."""
+def recipe(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The recipe file ``path``'s ``get_config(arg)``, for recipes built on another one
+  (pass a path beside the calling recipe: ``os.path.dirname(__file__)``)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      f"{name}.py")
+  name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"{name}_recipe", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
