@@ -12,7 +12,8 @@ aspect ratio varies), patch 16, sequences of 256 tokens. The same NaViT encoder
   packed+drop  packed after dropping 50% of every image's tokens (training only)
 
 It prints the packing fill (share of real tokens), sequences needed, and
-images/s for each, with the ratios. Each way runs in fixed-size batches of
+images/s for each, with the ratios. (Host-side patchify/packing cost, old against
+new implementation: experiments/navit_packing.py.) Each way runs in fixed-size batches of
 ``--batch`` sequences under one jit (compiled before timing).
 """
 
@@ -50,10 +51,9 @@ def main():
 
     rng = np.random.default_rng(0)
     sides = rng.integers(args.min_side, args.max_side + 1, size=(args.num_images, 2))
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sides]
     t0 = time.perf_counter()
-    items = [packing.image_to_item(rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-                                   patch_size=args.patch, max_patches=args.seq_len)
-             for h, w in sides]
+    items = [packing.image_to_item(im, patch_size=args.patch, max_patches=args.seq_len) for im in images]
     prep_s = time.perf_counter() - t0
     drop_cfg = default_config().token_drop
     drop_cfg.kind, drop_cfg.rate = "constant", 0.5
@@ -92,7 +92,8 @@ def main():
           f"{args.num_images} images, sides U[{args.min_side},{args.max_side}] px, patch "
           f"{args.patch}, seq_len {args.seq_len}; NaViT width {args.width} depth {args.depth}; "
           f"attention={args.attention}")
-    print(f"patchify {prep_s:.2f}s, pack (3 ways) {pack_s * 1e3:.0f} ms")
+    print(f"patchify {prep_s:.2f}s, pack (3 ways) {pack_s * 1e3:.0f} ms (one first call: mostly fresh "
+          f"memory for the outputs; experiments/navit_packing.py times packing properly)")
     results = {}
     for name, batch_np in ways.items():
         chunks = run(batch_np)

@@ -4,6 +4,7 @@ import grain
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vlm_jax.data import packing
 
@@ -99,3 +100,101 @@ def test_stream_packing_drops_nothing_and_resumes_exactly():
     assert len(rest) == len(rest2) == len(seqs) - 5
     for a, b in zip(rest, rest2):
         assert np.array_equal(a["patches"], b["patches"]) and a["text"] == b["text"]
+
+
+# --------------------------------------------------------------------------- against a plain reference
+
+
+def _ref_first_fit(lengths, seq_len, max_images, sort):
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else range(len(lengths))
+    bins = []
+    for i in order:
+        for b in bins:
+            if sum(lengths[j] for j in b) + lengths[i] <= seq_len and len(b) < max_images:
+                b.append(i)
+                break
+        else:
+            bins.append([i])
+    return bins
+
+
+def _ref_item(image, p, grid):
+    """Resize (PIL, as documented) and cut patch by patch, token by token."""
+    gh, gw = grid
+    size = (gw * p, gh * p)
+    if image.shape[:2] == (gh * p, gw * p):
+        img = image.astype(np.float32)
+    elif image.dtype == np.uint8:
+        img = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), np.float32)
+    else:
+        img = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F")
+                                   .resize(size, Image.Resampling.BILINEAR)) for c in range(3)], -1)
+    patches = [img[r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1) for r in range(gh) for c in range(gw)]
+    positions = np.array([(r, c) for r in range(gh) for c in range(gw)])
+    return {"patches": np.stack(patches), "positions": positions, "grid": (gh, gw)}
+
+
+def _ref_pack(items, seq_len, max_images, sort=True):
+    bins = _ref_first_fit([len(it["patches"]) for it in items], seq_len, max_images, sort)
+    dim = items[0]["patches"].shape[-1]
+    out = {"patches": np.zeros((len(bins), seq_len, dim), np.float32),
+           "segment_ids": np.zeros((len(bins), seq_len), np.int32),
+           "positions": np.zeros((len(bins), seq_len, 2), np.int32),
+           "image_index": np.full((len(bins), max_images), -1, np.int32),
+           "grid_sizes": np.zeros((len(bins), max_images, 2), np.int32)}
+    for s, b in enumerate(bins):
+        pos = 0
+        for slot, i in enumerate(b):
+            for t in range(len(items[i]["patches"])):
+                out["patches"][s, pos] = items[i]["patches"][t]
+                out["positions"][s, pos] = items[i]["positions"][t]
+                out["segment_ids"][s, pos] = slot + 1
+                pos += 1
+            out["image_index"][s, slot] = i
+            out["grid_sizes"][s, slot] = items[i]["grid"]
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_pack_and_token_dropped_pack_items_equal_a_plain_reference_bit_for_bit():
+    from vlm_jax.data import navit_pipeline, preprocess
+
+    rng = np.random.default_rng(7)
+    images = _images(14, 3, 90, seed=4)                                   # uint8, any size
+    images += [rng.normal(size=(h, w, 3)) for h, w in [(40, 23), (16, 48), (7, 70)]]  # float64
+    images += [np.zeros((32, 48, 3), np.uint8), np.full((300, 20, 3), 9, np.uint8)]  # aligned; oversized
+    for kw in (dict(patch_size=8, seq_len=40, max_images=4), dict(patch_size=4, seq_len=64, max_images=3,
+                                                                  sort=False, max_side=9)):
+        p, length = kw["patch_size"], kw["seq_len"]
+        grids = [packing.fit_grid(*im.shape[:2], p, length, kw.get("max_side")) for im in images]
+        ref = _ref_pack([_ref_item(im, p, g) for im, g in zip(images, grids)], length, kw["max_images"],
+                        kw.get("sort", True))
+        _assert_same(packing.pack(images, **kw), ref)
+
+    # Training: uint8 items, tokens dropped by "keep" indices, normalised as they are packed
+    # == normalise, drop (copy the kept rows), pack.
+    cfg = navit_pipeline.default_config().token_drop
+    cfg.kind, cfg.rate = "beta", 0.5
+    drop = navit_pipeline.TokenDrop(cfg)
+    tower = dict(patch_size=8, seq_len=40, max_side=None)
+    items = [navit_pipeline.patchify_uint8(im, tower) for im in images[:14]]
+    assert all(it["patches"].dtype == np.uint8 for it in items)
+    keeps = [drop.keep(len(it["patches"]), np.random.default_rng(i)) for i, it in enumerate(items)]
+    assert sum(k is not None for k in keeps) >= 7
+    ref_items, float_items = [], []
+    for it, k in zip(items, keeps):
+        x = dict(it, patches=preprocess.normalize(it["patches"], (-1.0, 0.5)))
+        ref_items.append(x if k is None else dict(x, patches=x["patches"][k], positions=x["positions"][k]))
+        float_items.append(x if k is None else dict(x, keep=k))
+    ref = _ref_pack(ref_items, 40, 4)
+    got = packing.pack_items([it if k is None else dict(it, keep=k) for it, k in zip(items, keeps)],
+                             seq_len=40, max_images=4, value_range=(-1.0, 0.5))
+    _assert_same(got, ref)
+    _assert_same(packing.pack_items(float_items, seq_len=40, max_images=4), ref)  # float32 + "keep"
+    with pytest.raises(ValueError, match="item 0 has float32 patches; value_range needs uint8"):
+        packing.pack_items([ref_items[0]], seq_len=40, max_images=4, value_range=(-1.0, 0.5))

@@ -7,7 +7,8 @@ Training (``train_dataset``), per process:
         (in ``data.num_threads`` threads)-->
       --PackedDataset: read a window of ``navit.window`` images, token-drop each
         (rate per image, see below), first-fit pack into sequences of
-        ``model.image.seq_len`` tokens with ``model.image.max_images`` slots-->
+        ``model.image.seq_len`` tokens with ``model.image.max_images`` slots,
+        normalising to ``pp.value_range`` as the patches are written-->
       --batch ``batch_size // process_count`` sequences + tokenize each slot's caption
 
 and yields
@@ -20,6 +21,10 @@ and yields
 ``config.batch_size`` counts *sequences* for a NaViT recipe; the number of images
 per step varies with their sizes. Every step is a pure function of the seed and
 the stream position; the iterator state resumes exactly.
+
+Items carry uint8 patches (4x less memory in the prefetch buffer and the packing
+window than float32); the kept tokens of each image are gathered, cast and
+normalised in one pass, straight into the packed sequence.
 
 Token dropping happens here, before packing, so the dropped tokens cost no
 compute (NaViT's "continuous token dropping"). It is for training only;
@@ -61,8 +66,8 @@ from vlm_jax.data.pipeline import Skipped, _seed32
 from vlm_jax.data.sources import build_source
 from vlm_jax.data.tokenizers import build_tokenizer
 
-__all__ = ["default_config", "TokenDrop", "sample_side", "train_dataset", "eval_items",
-           "NaViTBatchIterator"]
+__all__ = ["default_config", "TokenDrop", "sample_side", "patchify_uint8", "train_dataset",
+           "eval_items", "NaViTBatchIterator"]
 
 _log = logging.getLogger(__name__)
 _SKIP_ERRORS = (preprocess.CorruptExampleError, OSError)
@@ -125,8 +130,11 @@ class TokenDrop:
     "beta" a draw from Beta(beta_a, beta_b); "resolution" linear in the token count
     from ``min_rate`` at ``min_tokens`` to ``max_rate`` at ``max_tokens`` (clipped);
     each times the schedule factor at ``step``, clipped to [0, max_drop].
-    ``__call__(item, rng, step)`` keeps a random subset of the item's tokens
-    (their order kept, at least one).
+    ``keep(num_tokens, rng, step)``: the sorted indices of a random subset of
+    the tokens to keep (at least one), or None to keep all; ``__call__(item, rng,
+    step)`` returns the item cut down to them (the training pipeline instead hands
+    the indices to the packer as ``item["keep"]``, which gathers them straight into
+    the packed sequence).
     """
 
     def __init__(self, cfg: Any):
@@ -167,13 +175,18 @@ class TokenDrop:
             r = float(c.min_rate) + (float(c.max_rate) - float(c.min_rate)) * frac
         return float(np.clip(r * self.factor(step), 0.0, float(c.max_drop)))
 
-    def __call__(self, item: dict, rng: np.random.Generator, step: int = 0) -> dict:
-        n = len(item["patches"])
+    def keep(self, num_tokens: int, rng: np.random.Generator, step: int = 0) -> np.ndarray | None:
+        n = int(num_tokens)
         r = self.rate(n, rng, step)
         keep = max(1, int(round(n * (1.0 - r))))
         if keep >= n:
+            return None
+        return np.sort(rng.choice(n, size=keep, replace=False))
+
+    def __call__(self, item: dict, rng: np.random.Generator, step: int = 0) -> dict:
+        idx = self.keep(len(item["patches"]), rng, step)
+        if idx is None:
             return item
-        idx = np.sort(rng.choice(n, size=keep, replace=False))
         return dict(item, patches=item["patches"][idx], positions=item["positions"][idx])
 
 
@@ -200,15 +213,25 @@ def _tower(config: Any) -> dict:
                 max_side=max_side)
 
 
+def patchify_uint8(image: np.ndarray, tower: dict) -> dict:
+    """``packing.image_to_item`` with uint8 patches (pixels 0-255, resized as 8-bit
+    RGB); normalised later, as they are packed (or by ``eval_items``)."""
+    kw = dict(patch_size=tower["patch_size"], max_patches=tower["seq_len"], max_side=tower["max_side"])
+    if image.dtype == np.uint8:
+        return packing.image_to_item(image, dtype=np.uint8, **kw)
+    item = packing.image_to_item(image, **kw)
+    item["patches"] = item["patches"].round().astype(np.uint8)
+    return item
+
+
 class _Reader:
-    """fn(position, source_index) -> item dict ({"patches", "positions", "grid", "text",
-    "label"}) or Skipped. Training samples resolutions with rng(seed, position)."""
+    """fn(position, source_index) -> item dict ({"patches" uint8, "positions", "grid",
+    "text", "label"}) or Skipped. Training samples resolutions with rng(seed, position)."""
 
     def __init__(self, config: Any, source: Any, split: str | None, train: bool):
         self.source, self.train = source, train
         self.navit = _navit_cfg(config)
         self.tower = _tower(config)
-        self.value_range = tuple(config.pp.value_range)
         self.seed = _seed32(config.get("seed", 0), 3)
         self.shapes = None
         if config.data.source == "shapes" and self.navit.shapes_sizes:
@@ -231,11 +254,7 @@ class _Reader:
         if self.train:
             rng = np.random.default_rng([self.seed, int(position)])
             img = _rescale(img, sample_side(self.navit.resolution, rng))
-        t = self.tower
-        item = packing.image_to_item(img, patch_size=t["patch_size"], max_patches=t["seq_len"],
-                                     max_side=t["max_side"])
-        item["patches"] = preprocess.normalize(item["patches"].round().astype(np.uint8),
-                                               self.value_range)
+        item = patchify_uint8(img, self.tower)
         text = ex["text"]
         item["text"] = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
         item["label"] = int(ex.get("label", -1))
@@ -320,19 +339,27 @@ def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1
         if not drop.enabled:
             return item
         rng = np.random.default_rng([drop_seed, process_index, int(item_position)])
-        return drop(item, rng, step=sequences_so_far // local)
+        keep = drop.keep(len(item["patches"]), rng, step=sequences_so_far // local)
+        return item if keep is None else dict(item, keep=keep)
 
+    value_range = tuple(float(v) for v in config.pp.value_range)
+    if not value_range[1] > value_range[0]:
+        raise ValueError(f"pp.value_range must be (lo, hi) with hi > lo, got {value_range}")
     packed = packing.PackedDataset(
         it_ds, seq_len=tower["seq_len"], max_images=tower["max_images"],
         window=int(navit_cfg.window), slot_keys=("text",), transform=transform,
-        skip=lambda ex: isinstance(ex, Skipped))
+        skip=lambda ex: isinstance(ex, Skipped), value_range=value_range)
     return NaViTTrainDataset(packed, local, build_tokenizer(config.tokenizer))
 
 
 def eval_items(config: Any, split: str, num_examples: int) -> list[dict]:
     """The first ``num_examples`` examples of ``split`` as unpacked items (native size,
-    no resolution sampling, no token dropping); corrupt ones are left out."""
+    no resolution sampling, no token dropping), patches normalised to
+    ``pp.value_range``; corrupt ones are left out."""
     source = build_source(config.data, split, image_size=config.pp.image_size)
     read = _Reader(config, source, split, train=False)
     items = [read(i, i) for i in range(min(num_examples, len(source)))]
-    return [it for it in items if not isinstance(it, Skipped)]
+    items = [it for it in items if not isinstance(it, Skipped)]
+    for it in items:
+        it["patches"] = preprocess.normalize(it["patches"], config.pp.value_range)
+    return items
