@@ -121,7 +121,9 @@ def test_killed_run_resumes_bit_identically(tmp_path, recipe):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("recipe", TASK_RECIPES)
+# The signal and NaN handling live in the task-independent loop: one recipe covers them
+# (the killed-run resume above runs every task).
+@pytest.mark.parametrize("recipe", TASK_RECIPES[:1])
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, recipe):
   workdir = str(tmp_path / "run")
   p = subprocess.Popen(
@@ -143,7 +145,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, recipe):
   assert 3 <= ck.step < 100000
 
 
-@pytest.mark.parametrize("recipe", TASK_RECIPES)
+@pytest.mark.parametrize("recipe", TASK_RECIPES[:1])
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, recipe):
   workdir = str(tmp_path / "run")
   real = pipeline.train_dataset
