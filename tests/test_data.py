@@ -151,6 +151,6 @@ def test_zeroshot_data_is_the_heldout_split_without_augmentation():
 
 
 def test_build_source_names_an_unknown_source():
-    c = _config(**{"data.source": "webdataset"})
+    c = _config(**{"data.source": "parquet"})
     with pytest.raises(ValueError, match="data.source"):
         pipeline.build_source(c.data)

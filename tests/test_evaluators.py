@@ -142,7 +142,7 @@ def test_linear_probe_evaluator_on_shapes_colours():
       return np.concatenate([fg.mean(1), fg.max(1), fg.min(1)], axis=1)
 
   ev = linear_probe.LinearProbeEvaluator(c, None, encoder=MeanColour())
-  assert ev.num_classes == 48 and len(ev.train["images"]) == 300
+  assert ev.num_classes == 48 and len(ev.train) == 300
   assert ev.run(None)["linear_probe/top1"] > 4 / 48
 
 

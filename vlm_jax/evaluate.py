@@ -13,6 +13,8 @@ training logged at that step. ``--config.KEY=VALUE`` overrides any config field
 (evaluator sections missing from an older run's config are added, disabled).
 The metrics are printed and written to ``DIR/eval_<step>.json`` (or ``--output``):
 one JSON object with "step" and the metric names, like a metrics.jsonl row.
+Evaluation data is streamed in batches, each process reading its share, so an
+ImageNet-sized split needs no more host memory than a small one.
 
 With ``--hf PATH`` the weights come from a transformers ``save_pretrained``
 directory (``vlm_jax.interop.hf.load``); data, preprocessing, tokenizer and
@@ -175,6 +177,9 @@ def evaluate(config, model, params, *, mesh=None, names=None, workdir=None,
                      f"{task.EVALUATORS}, e.g. --config.evals.{task.EVALUATORS[0]}.enabled=True")
   metrics = evals.run(params, step=step)
   logging.info("Evaluator wall times (s): %s", evals.seconds)
+  skipped = {k: v for k, v in evals.skipped.items() if v}
+  if skipped:
+    logging.warning("Corrupt evaluation examples left out: %s", skipped)
   return metrics
 
 

@@ -1,5 +1,5 @@
-"""Input data: sources (embedded shapes, TFDS, image folders), preprocessing,
-tokenizers, grain pipelines, and NaViT packing (``packing``).
+"""Input data: sources (embedded shapes, TFDS, image folders, webdataset tar shards,
+ArrayRecord), preprocessing, tokenizers, grain pipelines, and NaViT packing (``packing``).
 
     from vlm_jax.data import pipeline, config
     cfg = config.default_config(); cfg.seed = 0; cfg.batch_size = 256
@@ -15,8 +15,8 @@ from vlm_jax.data.sources import (CaptionsFileError, ClassFolderSource, FolderSo
                                   build_source)
 from vlm_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
 
-_LAZY = ("augment", "config", "navit_pipeline", "packing", "pipeline", "preprocess", "shapes",
-         "sources", "tokenizers")
+_LAZY = ("array_record", "augment", "config", "convert", "navit_pipeline", "packing", "pipeline",
+         "preprocess", "shapes", "sources", "tokenizers", "webdataset")
 
 
 def __getattr__(name):

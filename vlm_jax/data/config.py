@@ -22,7 +22,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---- data: where examples come from, and how they are read.
     c.data = ml_collections.ConfigDict()
-    # "shapes" (embedded procedural captions, the default) | "tfds" | "folder".
+    # "shapes" (embedded procedural captions, the default) | "tfds" | "folder" |
+    # "webdataset" (tar shards, streamed) | "array_record".
     c.data.source = "shapes"
     c.data.shapes = ml_collections.ConfigDict()
     c.data.shapes.train_size = 100_000_000  # virtual length of the "train" split
@@ -43,9 +44,32 @@ def default_config() -> ml_collections.ConfigDict:
     # Without a captions file, DIR/train/<class>/* and DIR/val/<class>/* (ImageFolder
     # layout): labels from the sorted class names, captions from this template.
     c.data.folder.caption_template = "a photo of a {}."
+    # webdataset tar shards (vlm_jax/data/webdataset.py), streamed; for training only.
+    c.data.webdataset = ml_collections.ConfigDict()
+    # Brace pattern ("/data/shard-{000000..000123}.tar") or "::"-separated patterns
+    # ("::".join(a_list)); local paths or fsspec URLs (gs:// needs gcsfs, s3:// s3fs).
+    c.data.webdataset.shards = ""
+    c.data.webdataset.image_ext = "jpg;jpeg;png;webp"  # image member: first extension found
+    c.data.webdataset.text_ext = "txt;json"  # caption member: first found (UTF-8 text or JSON)
+    c.data.webdataset.caption_field = "caption"  # .json members: the caption's field ("a/b" nested)
+    c.data.webdataset.label_ext = ""  # e.g. "cls": integer label text; "" for no labels
+    # Samples in the shuffle buffer, after a per-epoch shard shuffle (with data.shuffle;
+    # <= 1: shard shuffle only). Checkpoints hold it as (shard, offset, size) references.
+    c.data.webdataset.shuffle_buffer = 1000
+    # ArrayRecord files written by ``python -m vlm_jax.data.convert`` (vlm_jax/data/array_record.py).
+    c.data.array_record = ml_collections.ConfigDict()
+    # A directory of *.array_record files, a file, a glob or brace pattern ("::" joins several).
+    c.data.array_record.path = ""
     c.data.shuffle = True  # global shuffle (by config.seed, a new order every epoch)
     c.data.num_threads = 2  # threads that read + preprocess examples (0: in the caller's thread)
     c.data.prefetch_buffer_size = 256  # examples read ahead by those threads
+    # Worker processes that read, decode and augment training examples and stack them
+    # into batches (grain mp_prefetch; one shared-memory transfer per batch), each with
+    # num_threads reader threads (<= 1: its own thread). 0: read in this process's
+    # threads only. Processes escape the GIL (Python-heavy augmentation, many cores);
+    # each takes seconds to start and keeps its own data.cache_decoded. Same batches
+    # as 0 (webdataset: the same for a given worker count). experiments/input_pipeline.py.
+    c.data.num_workers = 0
     c.data.max_consecutive_skips = 1000  # this many corrupt examples in a row is an error
     # Keep each training image in memory once decoded (uint8, already resized to
     # pp.image_size when pp.crop is "resize" or "random_pad"), so later epochs skip
@@ -65,6 +89,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.pp.resize_method = "bilinear"  # "nearest" | "bilinear" | "bicubic" | "lanczos"
     c.pp.flip = False  # random left-right flip (off: shapes captions say "left"/"right")
     c.pp.value_range = (-1.0, 1.0)  # pixels 0-255 map linearly onto this range, float32
+    # Decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when the crop needs at
+    # most 1/3 of the file's resolution: the same crop region, pixels within ~1 level of
+    # 255 of the exact path, ~2x less work for images far larger than pp.image_size
+    # (web images; ImageNet-sized files at 224 px decode in full). False: exact.
+    c.pp.fast_decode = False
+    c.pp.max_pixels = 89_478_485  # larger images are corrupt examples (decompression bombs)
     # Training-only policy on the cropped uint8 image (vlm_jax.data.augment):
     # "none" | "trivialaugment" (TrivialAugmentWide) | "randaugment".
     c.pp.augment = "none"

@@ -6,6 +6,17 @@ Training (``train_dataset``), per process:
       --map_with_index: read + decode + augment (in ``data.num_threads`` threads)-->
       [process_index::process_count] --> skip & count corrupt --> batch + tokenize
 
+Webdataset tar shards (``data.source = "webdataset"``) are a stream, not random
+access: each process reads its own shards, shuffled by shard and through a seeded
+buffer, and its reader threads split the stream by position (``webdataset.py``).
+The batches after that are built, counted and resumed the same way.
+
+With ``data.num_workers > 0`` the read + decode + augment step runs in that many
+worker processes (grain ``mp_prefetch``), each cutting its share of the stream into
+runs of ``b`` consecutive examples and stacking them (one shared-memory transfer per
+batch, normalised already); ``WorkerDataIterator`` then skips the corrupt ones and
+assembles the same batches as in-process threads give, and resumes them exactly.
+
 With ``data.cache_decoded`` the source keeps every image it has decoded (and
 resized, when the crop squashes first) in memory, so only the first epoch reads
 files; augmentation still draws from (seed, position), the batches are unchanged.
@@ -33,7 +44,7 @@ import grain
 import numpy as np
 
 from vlm_jax.data import preprocess
-from vlm_jax.data.sources import DEFAULT_TEMPLATES, CachedSource, build_source
+from vlm_jax.data.sources import CachedSource, build_source
 from vlm_jax.data.tokenizers import build_tokenizer
 
 __all__ = ["DataIterator", "build_source", "train_dataset", "zeroshot_data", "example_dataset"]
@@ -82,19 +93,28 @@ def _pp_kwargs(pp: Any, train: bool) -> dict[str, Any]:
         scale=tuple(pp.get("crop_scale", (0.08, 1.0))), ratio=tuple(pp.get("crop_ratio", (3 / 4, 4 / 3))),
         method=pp.get("resize_method", "bilinear"), padding=int(pp.get("crop_padding", 4)),
         augment=_augment_fn(pp) if train else None,
+        fast_decode=bool(pp.get("fast_decode", False)),
+        max_pixels=int(pp.get("max_pixels", preprocess.DEFAULT_MAX_PIXELS) or 0) or None,
     )
 
 
-def _make_reader(source: Any, pp: Any, *, train: bool, seed: int):
-    """fn(position, source_index) -> {"image", "text", "label"} or Skipped."""
+def _make_reader(source: Any, pp: Any, *, train: bool, seed: int, normalize: bool = True):
+    """fn(position, source_index) -> {"image", "text", "label"} or Skipped; the image
+    float32 in pp.value_range, or uint8 with ``normalize=False``."""
     kw = _pp_kwargs(pp, train)
+    if not normalize:
+        kw["value_range"] = None
     needs_rng = kw["crop"].startswith("random") or kw["flip"] or kw["augment"] is not None
     aug_seed = _seed32(seed, 1)
+
+    # Sources that can hand over the image still encoded (a path or bytes) let
+    # preprocess_image decode it, at reduced size with pp.fast_decode.
+    get = source.encoded if callable(getattr(type(source), "encoded", None)) else source.__getitem__
 
     def read(position: int, source_index: int):
         source_index = int(source_index)
         try:
-            ex = source[source_index]
+            ex = get(source_index)
             rng = np.random.default_rng([aug_seed, int(position)]) if needs_rng else None
             image = preprocess.preprocess_image(ex["image"], rng=rng, what=f"example {source_index}", **kw)
         except _SKIP_ERRORS as e:
@@ -121,16 +141,34 @@ def cached_source(source: Any, pp: Any) -> CachedSource:
 
 
 def example_dataset(config: Any, *, process_index: int = 0, process_count: int = 1,
-                    split: str | None = None) -> grain.MapDataset:
+                    split: str | None = None, normalize: bool = True
+                    ) -> grain.MapDataset | grain.IterDataset:
     """The infinite, shuffled, preprocessed per-example stream of one process.
 
     A grain MapDataset whose element at position p is ``{"image": float32 [H,W,3],
     "text": str, "label": int}`` or a ``Skipped`` marker for a corrupt example.
     ``train_dataset`` batches it; NaViT packing can consume it instead.
+    For ``data.source = "webdataset"`` (a stream, not random access) it is a grain
+    IterDataset of the same elements (``webdataset.WebDataset``, read by reference;
+    ``set_slice`` splits it between reader threads or worker processes).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     seed = config.get("seed", 0)
+    if config.data.source == "webdataset":
+        from vlm_jax.data import webdataset  # pylint: disable=import-outside-toplevel
+        if config.data.get("cache_decoded", False):
+            raise ValueError("data.cache_decoded needs a random-access source; webdataset streams "
+                             "(convert the shards with python -m vlm_jax.data.convert)")
+        c = config.data.webdataset
+        paths = webdataset.expand_shards(c.shards)
+        stream = webdataset.WebDataset(
+            paths, seed=_seed32(seed, 0), shuffle=config.data.get("shuffle", True),
+            buffer_size=c.get("shuffle_buffer", 1000), process_index=process_index,
+            process_count=process_count)
+        samples = webdataset.ShardSamples(stream.paths, **webdataset.member_options(c))
+        read = _make_reader(samples, config.pp, train=True, seed=seed, normalize=normalize)
+        return stream.map(lambda element: read(*element))
     source = build_source(config.data, split, image_size=config.pp.image_size)
     if config.data.get("cache_decoded", False):
         source = cached_source(source, config.pp)
@@ -138,27 +176,92 @@ def example_dataset(config: Any, *, process_index: int = 0, process_count: int =
     if config.data.get("shuffle", True):
         ds = ds.shuffle(seed=_seed32(seed, 0))
     ds = ds.repeat(None)
-    ds = ds.map_with_index(_make_reader(source, config.pp, train=True, seed=seed))
+    ds = ds.map_with_index(_make_reader(source, config.pp, train=True, seed=seed,
+                                        normalize=normalize))
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds
 
 
 def caption_collate(tokenizer: Any) -> Callable[[list[dict]], dict[str, np.ndarray]]:
-    """Examples -> {"image": float32 [b,H,W,3], "tokens": int32 [b,L]} (contrastive)."""
+    """Examples -> {"image": float32 [b,H,W,3], "tokens": int32 [b,L]} (contrastive).
+
+    ``collate.from_columns(columns)`` makes the same batch from stacked columns
+    (``_stack_examples``); the worker-process pipeline uses it to avoid a copy."""
+    def from_columns(cols):
+        return {"image": cols["image"], "tokens": tokenizer.encode(list(cols["text"]))}
+
     def collate(examples):
-        return {"image": np.stack([ex["image"] for ex in examples]),
-                "tokens": tokenizer.encode([ex["text"] for ex in examples])}
+        return from_columns(_stack_examples(examples))
+    collate.from_columns = from_columns
     return collate
 
 
-def label_collate(examples: list[dict]) -> dict[str, np.ndarray]:
-    """Examples -> {"image": float32 [b,H,W,3], "label": int32 [b]} (classification)."""
-    labels = np.asarray([ex["label"] for ex in examples], np.int32)
+def _label_columns(cols: dict[str, Any]) -> dict[str, np.ndarray]:
+    labels = np.asarray(cols["label"], np.int32)
     if np.any(labels < 0):
         raise ValueError("classification needs labelled examples, but the source gave label -1 "
                          "(TFDS: set data.tfds.label_key; folder: DIR/train/<class>/ layout)")
-    return {"image": np.stack([ex["image"] for ex in examples]), "label": labels}
+    return {"image": cols["image"], "label": labels}
+
+
+def label_collate(examples: list[dict]) -> dict[str, np.ndarray]:
+    """Examples -> {"image": float32 [b,H,W,3], "label": int32 [b]} (classification).
+    ``label_collate.from_columns``: the same from stacked columns."""
+    return _label_columns(_stack_examples(examples))
+
+
+label_collate.from_columns = _label_columns
+
+
+def _stack_examples(examples: list[dict]) -> dict[str, Any]:
+    """Examples -> columns: arrays stacked ([n, ...]), other values as lists."""
+    cols = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        cols[key] = np.stack(values) if isinstance(values[0], np.ndarray) else values
+    return cols
+
+
+def _columns_slice(cols: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    return {k: v[start:stop] for k, v in cols.items()}
+
+
+def _columns_concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) if isinstance(parts[0][k], np.ndarray)
+            else [v for p in parts for v in p[k]] for k in parts[0]}
+
+
+class _Chunk:
+    """Batches a run of consecutive stream elements in a worker process: {"columns": the
+    readable examples stacked (None if none), "skipped": [[index in the run, source
+    index, reason]]}. uint8 images are normalised onto ``value_range`` straight into a
+    shared-memory float32 [n, H, W, 3] (no stacking copy; it reaches the main process
+    without another), with the same float32 arithmetic as ``preprocess.normalize``."""
+
+    def __init__(self, value_range: Any):
+        lo, hi = (float(v) for v in value_range)
+        if not hi > lo:
+            raise ValueError(f"pp.value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
+        self.lo, self.scale = np.float32(lo), np.float32((hi - lo) / 255.0)
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        from grain.multiprocessing import SharedMemoryArray  # pylint: disable=import-outside-toplevel
+        good = [ex for ex in examples if not isinstance(ex, Skipped)]
+        skipped = [[i, int(ex.source_index), ex.reason] for i, ex in enumerate(examples)
+                   if isinstance(ex, Skipped)]
+        if not good:
+            return {"columns": None, "skipped": skipped}
+        images = [ex["image"] for ex in good]
+        out = SharedMemoryArray((len(images), *images[0].shape), np.float32)
+        for i, image in enumerate(images):
+            np.multiply(image, self.scale, out=out[i])
+            out[i] += self.lo
+        cols = _stack_examples([{k: v for k, v in ex.items() if k != "image"} for ex in good])
+        cols["image"] = out
+        return {"columns": cols, "skipped": skipped}
 
 
 class DataIterator(grain.DatasetIterator):
@@ -209,18 +312,93 @@ class DataIterator(grain.DatasetIterator):
         self._skipped = int(state["num_skipped"])
 
 
+class WorkerDataIterator(DataIterator):
+    """``DataIterator`` over runs of examples read and batched in worker processes
+    (``data.num_workers > 0``): the same batches as ``DataIterator`` over the same
+    stream. A run with corrupt examples leaves a partial run over for the next batch;
+    the state then points at that run's start plus how many of its examples are used."""
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, collate: Callable,
+                 max_consecutive_skips: int):
+        super().__init__(parent, batch_size, collate, max_consecutive_skips)
+        self._from_columns = getattr(collate, "from_columns", None)
+        self._run = 0  # corrupt examples in a row
+        # The run in use: (its columns, examples of it already in batches, parent state before it).
+        self._pending: tuple[dict | None, int, Any] | None = None
+
+    def _fetch(self, count_skips: bool = True) -> tuple[dict | None, Any]:
+        """The next run of examples: (columns or None, the parent state before it)."""
+        state = self._parent.get_state()
+        run = next(self._parent)
+        cols, skipped = run["columns"], run["skipped"]
+        if not count_skips:
+            return cols, state
+        if not skipped:
+            self._run = 0
+            return cols, state
+        n = (0 if cols is None else len(cols["image"])) + len(skipped)
+        bad = {int(i): (source_index, reason) for i, source_index, reason in skipped}
+        for i in range(n):
+            if i not in bad:
+                self._run = 0
+                continue
+            source_index, reason = bad[i]
+            self._skipped += 1
+            self._run += 1
+            if self._skipped <= 10 or self._skipped % 1000 == 0:
+                _log.warning("skipping corrupt example %d (%d skipped so far): %s",
+                             source_index, self._skipped, reason)
+            if self._run >= self._max_skips:
+                raise RuntimeError(f"{self._run} corrupt examples in a row (data.max_consecutive_"
+                                   f"skips); last: example {source_index}: {reason}")
+        return cols, state
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts, have = [], 0
+        while have < self._batch_size:
+            if self._pending is None:
+                cols, state = self._fetch()
+                self._pending = (cols, 0, state)
+            cols, used, state = self._pending
+            n = 0 if cols is None else len(cols["image"])
+            take = min(n - used, self._batch_size - have)
+            if take > 0:
+                parts.append(_columns_slice(cols, used, used + take) if (used, take) != (0, n) else cols)
+                have += take
+            self._pending = None if used + take >= n else (cols, used + take, state)
+        cols = _columns_concat(parts)
+        if self._from_columns is not None:
+            return self._from_columns(cols)
+        return self._collate([{k: v[i] for k, v in cols.items()} for i in range(have)])
+
+    def get_state(self) -> dict[str, Any]:
+        if self._pending is None:
+            return {"parent": self._parent.get_state(), "used": 0, "num_skipped": self._skipped}
+        _, used, state = self._pending
+        return {"parent": state, "used": used, "num_skipped": self._skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._skipped = int(state["num_skipped"])
+        self._pending, self._run = None, 0
+        if int(state.get("used", 0)):  # re-read the partly used run; its skips are counted
+            cols, _ = self._fetch(count_skips=False)
+            self._pending = (cols, int(state["used"]), state["parent"])
+
+
 class TrainDataset(grain.IterDataset):
     """IterDataset of training batches; ``iter()`` gives a fresh ``DataIterator``."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, collate: Callable,
-                 max_consecutive_skips: int):
+                 max_consecutive_skips: int, iterator: type[DataIterator] = DataIterator):
         super().__init__(parent)
         self.batch_size = batch_size
         self.collate = collate
         self._max_skips = max_consecutive_skips
+        self._iterator = iterator
 
     def __iter__(self) -> DataIterator:
-        return DataIterator(self._parent.__iter__(), self.batch_size, self.collate, self._max_skips)
+        return self._iterator(self._parent.__iter__(), self.batch_size, self.collate, self._max_skips)
 
     def __str__(self) -> str:
         return f"TrainDataset(batch_size={self.batch_size})"
@@ -248,52 +426,79 @@ def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1
         raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of "
                          f"process_count={process_count}")
     local = config.batch_size // process_count
-    ds = example_dataset(config, process_index=process_index, process_count=process_count)
+    workers = int(config.data.get("num_workers", 0))
+    if workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {workers}")
+    ds = example_dataset(config, process_index=process_index, process_count=process_count,
+                         normalize=workers == 0)
     threads = int(config.data.get("num_threads", 2))
     buffer = int(config.data.get("prefetch_buffer_size", 256))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer
-                                                 if threads > 0 else 0))
+    max_skips = int(config.data.get("max_consecutive_skips", 1000))
     if collate is None:
         collate = caption_collate(build_tokenizer(config.tokenizer))
-    return TrainDataset(it_ds, local, collate, int(config.data.get("max_consecutive_skips", 1000)))
+    if workers > 0:
+        runs = _worker_runs(ds, local, workers, threads, _Chunk(config.pp.value_range))
+        return TrainDataset(runs, local, collate, max_skips, iterator=WorkerDataIterator)
+    if isinstance(ds, grain.MapDataset):
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer
+                                                     if threads > 0 else 0))
+    else:  # a stream (webdataset): each thread reads positions i::threads of it
+        it_ds = grain.experimental.multithread_prefetch(
+            ds, num_threads=threads, buffer_size=max(1, buffer // max(threads, 1)))
+    return TrainDataset(it_ds, local, collate, max_skips)
+
+
+def _worker_runs(ds: grain.MapDataset | grain.IterDataset, size: int, workers: int,
+                 threads: int, chunk: Callable) -> grain.IterDataset:
+    """Runs of ``size`` consecutive stream elements (``_Chunk``), run k read, preprocessed
+    and stacked by worker process k % ``workers`` with ``threads`` reader threads each;
+    grain's mp_prefetch hands them back in order, arrays through shared memory.
+    A random-access stream is cut into runs before it is split between the workers, so
+    the batches do not depend on the worker count; a webdataset stream is split by
+    position first (worker w reads positions w::workers), so they do."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: defaults outside an app
+        flags.FLAGS.mark_as_parsed()
+    if isinstance(ds, grain.MapDataset):
+        threads = threads if threads > 1 else 0  # 1: the worker's own thread reads
+        runs = ds.batch(size, batch_fn=chunk).to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+    else:
+        runs = ds.batch(size, batch_fn=chunk)
+    return runs.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=1))
 
 
 def zeroshot_data(config: Any) -> dict[str, Any]:
-    """The zero-shot evaluation set, preprocessed like training without augmentation.
+    """The zero-shot evaluation set in memory, preprocessed like training without augmentation.
 
     Reads the first ``evals.zeroshot.num_examples`` examples (-1: all) of split
     ``evals.zeroshot.split`` of ``evals.zeroshot.data`` (None: ``config.data``).
-    Corrupt examples are left out.
+    Corrupt examples are left out. For small sets (notebooks, tests): the zero-shot
+    evaluator streams the same examples in batches instead
+    (``eval_stream.zeroshot_split``), so its memory does not grow with the set.
 
     Returns:
       dict(images=float32 [N,H,W,3], labels=int32 [N], classnames=list[str] (C),
       templates=list[str] (each with one "{}"), num_skipped=int).
       ``shapes.class_prompts(classnames, templates)`` gives the [C][T] prompts.
     """
-    zs = config.evals.zeroshot
-    data_cfg = zs.get("data") or config.data
-    source = build_source(data_cfg, zs.split, image_size=config.pp.image_size)
-    classnames = getattr(source, "classnames", None)
-    if not classnames:
-        raise ValueError(f"zero-shot needs a labelled source; {source!r} has no class names "
-                         "(TFDS: set label_key to a ClassLabel; folder: add a 'label' column)")
-    n = len(source) if zs.num_examples in (None, -1) else min(int(zs.num_examples), len(source))
-    read = _make_reader(source, config.pp, train=False, seed=config.get("seed", 0))
-    threads = int(data_cfg.get("num_threads", 2))
-    it = grain.MapDataset.range(n).map_with_index(read).to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=256 if threads > 0 else 0))
-    images, labels, skipped = [], [], 0
-    for ex in it:
-        if isinstance(ex, Skipped):
-            skipped += 1
-            _log.warning("zero-shot: skipping corrupt example %d: %s", ex.source_index, ex.reason)
-            continue
-        if not 0 <= ex["label"] < len(classnames):
-            raise ValueError(f"zero-shot example has label {ex['label']} outside [0, {len(classnames)})")
-        images.append(ex["image"])
-        labels.append(ex["label"])
-    if not images:
-        raise ValueError(f"zero-shot split {zs.split!r} of {source!r} gave no readable examples")
-    templates = zs.get("templates") or getattr(source, "templates", None) or DEFAULT_TEMPLATES
-    return dict(images=np.stack(images), labels=np.asarray(labels, np.int32),
-                classnames=list(classnames), templates=list(templates), num_skipped=skipped)
+    # eval_stream builds on this module (its preprocessing), so it is imported here.
+    from vlm_jax.data import eval_stream  # pylint: disable=import-outside-toplevel
+    split = eval_stream.zeroshot_split(config, process_index=0, process_count=1)
+    num_classes = len(split.classnames)
+    images, labels = [], []
+    for batch in split.batches(256):
+        keep = np.flatnonzero(batch["valid"])
+        bad = [int(v) for v in batch["label"][keep] if not 0 <= v < num_classes]
+        if bad:
+            raise ValueError(f"zero-shot example has label {bad[0]} outside [0, {num_classes})")
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    labels = np.concatenate(labels)
+    if not len(labels):
+        raise ValueError(f"zero-shot split {config.evals.zeroshot.split!r} of {split.source!r} "
+                         "gave no readable examples")
+    return dict(images=np.concatenate(images), labels=labels.astype(np.int32),
+                classnames=list(split.classnames), templates=list(split.templates),
+                num_skipped=split.num_skipped)

@@ -271,11 +271,16 @@ class FolderSource:
         return len(self._images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.encoded(index)
+        ex["image"] = preprocess.decode_image(ex["path"], what=ex["path"])
+        return ex
+
+    def encoded(self, index: int) -> dict[str, Any]:
+        """``source[index]`` with "image" still the file path (the pipeline decodes it)."""
         index = int(index)
         rel = self._images[index]
         full = rel if os.path.isabs(rel) else os.path.join(self.path, rel)
-        image = preprocess.decode_image(full, what=full)
-        return dict(image=image, text=self._captions[index], label=self._labels[index], path=full)
+        return dict(image=full, text=self._captions[index], label=self._labels[index], path=full)
 
     def __repr__(self) -> str:
         return f"FolderSource({self.path!r}, captions={self.captions_file!r}, n={len(self)})"
@@ -359,11 +364,16 @@ class ClassFolderSource:
         return len(self._files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.encoded(index)
+        ex["image"] = preprocess.decode_image(ex["path"], what=ex["path"])
+        return ex
+
+    def encoded(self, index: int) -> dict[str, Any]:
+        """``source[index]`` with "image" still the file path (the pipeline decodes it)."""
         index = int(index)
         full, label = self._files[index], self._labels[index]
-        image = preprocess.decode_image(full, what=full)
         text = shapes.fix_articles(self.caption_template.format(self.classnames[label]))
-        return dict(image=image, text=text, label=label, path=full)
+        return dict(image=full, text=text, label=label, path=full)
 
     def __repr__(self) -> str:
         return (f"ClassFolderSource({self.split_dir!r}, n={len(self)}, "
@@ -444,7 +454,8 @@ def build_source(data_config: Any, split: str | None = None, *, image_size: int 
       image_size: render size for the shapes source when ``data.shapes.image_size``
         is None (the pipeline passes ``pp.image_size``).
     Returns:
-      ShapesSource | TfdsSource | FolderSource | ClassFolderSource.
+      ShapesSource | TfdsSource | FolderSource | ClassFolderSource | ArrayRecordSource
+      (``data.array_record.path``; one split, ``split`` is ignored).
     """
     kind = data_config.source
     if kind == "shapes":
@@ -480,4 +491,14 @@ def build_source(data_config: Any, split: str | None = None, *, image_size: int 
             f"data.folder.path {c.path!r} has neither a captions file ({captions!r}, see "
             "data.folder.captions) nor one subfolder per class under train/ "
             "(DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)")
-    raise ValueError(f"data.source must be 'shapes', 'tfds' or 'folder', got {kind!r}")
+    if kind == "array_record":
+        from vlm_jax.data.array_record import ArrayRecordSource  # pylint: disable=import-outside-toplevel
+        if not data_config.array_record.path:
+            raise ValueError("data.array_record.path is empty")
+        return ArrayRecordSource(data_config.array_record.path)
+    if kind == "webdataset":
+        raise ValueError("data.source='webdataset' is a stream for training (pipeline."
+                         "example_dataset), not a random-access source: evaluate on another source "
+                         "(evals.*.data) or convert the shards (python -m vlm_jax.data.convert)")
+    raise ValueError("data.source must be 'shapes', 'tfds', 'folder', 'webdataset' or "
+                     f"'array_record', got {kind!r}")

@@ -4,9 +4,13 @@
     metrics = evaluator.run(params)   # {"zeroshot/top1": ..., "retrieval/i2t_r1": ..., ...}
 
 Each evaluator has a section in ``config.evals`` (defaults and fields in
-``vlm_jax/data/config.py``); those with ``enabled=True`` are built. They read
-their data once, when built, and ``run(params)`` embeds it with ``params``
-(float32, possibly sharded on ``mesh``) and returns fractions in [0, 1].
+``vlm_jax/data/config.py``); those with ``enabled=True`` are built. Each
+``run(params)`` streams its split through the model with ``params`` (float32,
+possibly sharded on ``mesh``) in batches read, decoded and preprocessed in
+threads (``data.eval_stream``), each process reading its share; only small
+per-example outputs (embeddings, predictions) or running counts are kept, never
+the images, so memory does not grow with the split. Metrics are over every
+process's examples; corrupt examples are left out and counted (``num_skipped``).
 
     zeroshot       "zeroshot/top1"                       evaluators/zeroshot.py
     retrieval      "retrieval/{i2t,t2i}_r{1,5,10}"       evaluators/retrieval.py
@@ -58,12 +62,14 @@ class Evaluators:
   """Several evaluators run as one: ``run(params)`` merges their metrics.
 
   ``len()`` is the number of evaluators (an empty one is falsy);
-  ``seconds`` holds each evaluator's wall time in the last ``run``.
+  ``seconds`` holds each evaluator's wall time in the last ``run`` and
+  ``skipped`` the corrupt examples each left out.
   """
 
   def __init__(self, evaluators: Sequence):
     self.evaluators = list(evaluators)
     self.seconds: dict[str, float] = {}
+    self.skipped: dict[str, int] = {}
 
   @property
   def names(self) -> list[str]:
@@ -83,6 +89,7 @@ class Evaluators:
       t0 = time.perf_counter()
       metrics.update(e.run(params, step=step))
       self.seconds[e.name] = time.perf_counter() - t0
+      self.skipped[e.name] = int(getattr(e, "num_skipped", 0))
     return metrics
 
 

@@ -8,7 +8,8 @@
 Reads ``config.evals.classification``: ``split`` (None: the source's held-out
 split: a class folder's val/, shapes' heldout, TFDS cifar10's test),
 ``num_examples``, ``batch_size``, ``confusion_matrix`` and ``data`` (another
-source). Images are preprocessed as in training, without augmentation.
+source). Images are preprocessed as in training, without augmentation, and
+streamed in batches: memory holds one batch, not the split.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vlm_jax.data.sources import default_eval_split
-from vlm_jax.evaluators.data import read_split, section_data
+from vlm_jax.data.eval_stream import as_split
+from vlm_jax.evaluators.data import eval_split, process_sum, section_data, stream
 from vlm_jax.evaluators.encoder import Encoder
 
 __all__ = ["ClassificationEvaluator", "topk_accuracy", "confusion_matrix",
@@ -33,17 +35,27 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
   logits float [N, C], labels int [N]. Ties are broken towards the lower class id
   (argsort is stable on the negated logits), so k=1 agrees with argmax.
   """
+  return float(np.mean(_topk_hits(logits, labels, k)))
+
+
+def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+  """bool [N]: the label is among the k largest logits (ties towards the lower id)."""
   k = min(int(k), logits.shape[1])
   top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-  return float(np.mean(np.any(top == labels[:, None], axis=1)))
+  return np.any(top == labels[:, None], axis=1)
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
   """Mean softmax cross-entropy (nats) of float [N, C] logits against int [N] labels."""
+  return float(np.mean(_nll(logits, labels)))
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """float64 [N]: each row's softmax cross-entropy (nats)."""
   z = logits.astype(np.float64)
   z = z - z.max(axis=1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-  return float(-np.mean(logp[np.arange(len(labels)), labels]))
+  return -logp[np.arange(len(labels)), labels]
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -96,10 +108,14 @@ def render_confusion_matrix(matrix: np.ndarray, classnames, path: str, title: st
 class ClassificationEvaluator:
   """Top-1 / top-5 accuracy and cross-entropy on a labelled split, with a confusion matrix.
 
-  The split is read once, when built; ``run(params, step=None)`` classifies it with
-  ``params`` (params or whole variables, possibly sharded on ``mesh``) and returns
-  {"val/top1", "val/top5", "val/loss"}. With a ``workdir`` and
+  ``run(params, step=None)`` streams the split in batches (each process reading its
+  share) and classifies it with ``params`` (params or whole variables, possibly
+  sharded on ``mesh``); only running sums and the [C, C] confusion matrix are kept.
+  It returns {"val/top1", "val/top5", "val/loss"}. With a ``workdir`` and
   ``confusion_matrix`` on, ``WORKDIR/confusion/step_<step>.png`` is written too.
+
+  ``data``: optional ``EvalSplit`` or dict(images=float32 [N,H,W,3], labels=int [N],
+  classnames); read from the config when None.
   """
 
   name = "classification"
@@ -113,30 +129,53 @@ class ClassificationEvaluator:
     self.workdir = workdir
     self.draw = bool(section.get("confusion_matrix", True))
     split = section.get("split") or default_eval_split(section_data(config, section))
-    self.data = data or read_split(config, section, split,
-                                   section.get("num_examples", -1), what="evals.classification")
-    if np.any(self.data["labels"] < 0):
+    self.split_name = split
+    self.data = as_split(data) if data is not None else eval_split(
+        config, section, split, section.get("num_examples", -1), what="evals.classification")
+    labels = getattr(self.data, "labels", None)  # in-memory data: checked now
+    if labels is not None and np.any(labels < 0):
       raise ValueError(f"evals.classification: split {split!r} has unlabelled examples")
-    self.classnames = self.data.get("classnames") or [
-        str(i) for i in range(int(self.data["labels"].max()) + 1)]
+    self.classnames = self.data.classnames or (
+        [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else None)
     self.last_confusion: np.ndarray | None = None
     self.last_png: str | None = None
+    self.num_skipped = 0  # corrupt examples the last run left out (all processes)
 
   def run(self, params, step: int | None = None) -> dict:
-    logits = self.encoder.logits(params, self.data["images"], batch_size=self.batch_size)
-    labels = self.data["labels"]
-    if logits.shape[1] < len(self.classnames):
-      raise ValueError(f"evals.classification: the model has {logits.shape[1]} classes but the "
-                       f"data has {len(self.classnames)}")
-    preds = np.argmax(logits, axis=1)
-    self.last_confusion = confusion_matrix(labels, preds, logits.shape[1])
+    top1 = top5 = loss = total = 0.0
+    matrix = None
+    for logits, batch in stream(self.data, self.encoder, "logits", params, self.batch_size):
+      keep = batch["valid"]
+      logits, labels = logits[keep], batch["label"][keep]
+      if np.any(labels < 0):
+        raise ValueError(f"evals.classification: split {self.split_name!r} has unlabelled "
+                         "examples")
+      if self.classnames is not None and logits.shape[1] < len(self.classnames):
+        raise ValueError(f"evals.classification: the model has {logits.shape[1]} classes but "
+                         f"the data has {len(self.classnames)}")
+      if matrix is None:
+        matrix = np.zeros((logits.shape[1], logits.shape[1]), np.int64)
+      if not len(labels):
+        continue
+      top1 += int(np.sum(_topk_hits(logits, labels, 1)))
+      top5 += int(np.sum(_topk_hits(logits, labels, 5)))
+      loss += float(np.sum(_nll(logits, labels)))
+      total += len(labels)
+      matrix += confusion_matrix(labels, np.argmax(logits, axis=1), logits.shape[1])
+    # Sums over processes (the counts are whole numbers, exact in float64).
+    top1, top5, loss, total, skipped = (float(v) for v in process_sum(
+        [top1, top5, loss, total, self.data.num_skipped]))
+    self.num_skipped = int(skipped)
+    matrix = process_sum(matrix)
+    if not total:
+      raise ValueError(f"evals.classification: split {self.split_name!r} gave no readable "
+                       "examples")
+    self.last_confusion = matrix
     if self.workdir and self.draw and jax.process_index() == 0:
       name = f"step_{step}.png" if step is not None else "latest.png"
-      names = list(self.classnames) + [str(i) for i in range(len(self.classnames),
-                                                             logits.shape[1])]
+      known = list(self.classnames or [])
+      names = known + [str(i) for i in range(len(known), matrix.shape[0])]
       self.last_png = render_confusion_matrix(
-          self.last_confusion, names, os.path.join(self.workdir, "confusion", name),
+          matrix, names, os.path.join(self.workdir, "confusion", name),
           title=f"step {step}" if step is not None else "")
-    return {"val/top1": topk_accuracy(logits, labels, 1),
-            "val/top5": topk_accuracy(logits, labels, 5),
-            "val/loss": cross_entropy(logits, labels)}
+    return {"val/top1": top1 / total, "val/top5": top5 / total, "val/loss": loss / total}

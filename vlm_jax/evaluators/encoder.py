@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from vlm_jax import parallel
 from vlm_jax.models import as_variables
@@ -24,6 +26,9 @@ class Encoder:
   default device.
 
   One Encoder can serve several evaluators: the compiled functions are shared.
+  ``local`` takes a batch of this process's rows instead (streamed evaluation on
+  several processes): the processes' rows form one global batch, each process
+  gets back its own rows' outputs.
   For an ``ImageClassifier`` ``images`` gives the pooled features (before the
   head) and ``logits`` the class logits; it has no ``tokens``.
   """
@@ -39,15 +44,19 @@ class Encoder:
     else:
       fns = {"img": lambda v, x: model.apply(as_variables(v), x, method="encode_image"),
              "txt": lambda v, t: model.apply(as_variables(v), t, method="encode_text")}
-    # Replicated outputs: every process can read all rows (multi-host meshes).
+    # ``_fns``: replicated outputs, so every process can read all rows (multi-host
+    # meshes). ``_local_fns`` (process-local batches): outputs stay split over the
+    # batch axes, each process reads back its own rows.
     out_sharding = parallel.replicated(mesh) if mesh is not None else None
-    self._fns = {}
+    self._fns, self._local_fns = {}, {}
     for name, fn in fns.items():
       if mesh is not None and parallel.is_explicit(mesh):
         # The towers run with Auto axes (as in training); only the outputs are
         # typed, split over the batch axes.
         fn = jax.sharding.auto_axes(fn, out_sharding=parallel.batch_sharding(mesh, 2))
       self._fns[name] = jax.jit(fn, out_shardings=out_sharding)
+      self._local_fns[name] = (self._fns[name] if mesh is None else
+                               jax.jit(fn, out_shardings=parallel.batch_sharding(mesh, 2)))
 
   def _run(self, fn, params, x, batch_size=None) -> np.ndarray:
     x = np.asarray(x)
@@ -67,6 +76,43 @@ class Encoder:
       y = fn(params, chunk)
       out.append(np.asarray(jax.device_get(y), np.float32)[:m])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+  @property
+  def local_multiple(self) -> int:
+    """Rows of a process-local batch (``local``) must be a multiple of this: the
+    batch shards of the mesh that this process holds (1 without a mesh)."""
+    if self.mesh is None:
+      return 1
+    return max(1, parallel.num_batch_shards(self.mesh) // jax.process_count())
+
+  def local(self, method: str, params, x) -> np.ndarray:
+    """This process's rows -> their outputs, float32 [b, D] (``method`` "images" or
+    "logits"; "tokens" too).
+
+    The rows of all processes form one global batch on the mesh (so every process
+    must call this with the same row count, a multiple of ``local_multiple``); each
+    gets back the outputs of its own rows. Evaluation streams batches this way.
+    """
+    name = {"images": "img", "logits": "logits", "tokens": "txt"}.get(method)
+    if name is None:
+      raise ValueError(f"Encoder.local: method must be 'images', 'logits' or 'tokens', "
+                       f"got {method!r}")
+    if name == "img" and not _is_fixed_size(self.model):
+      return self.images(params, x)  # packed on this process's default device
+    if name not in self._fns:
+      raise ValueError(f"{type(self.model).__name__} has no {method!r} output")
+    x = np.asarray(x)
+    if self.mesh is None:
+      return np.asarray(jax.device_get(self._fns[name](params, x)), np.float32)
+    lead = parallel.batch_sharding(self.mesh, 1).spec[0]
+    if len(x) % self.local_multiple:
+      raise ValueError(f"Encoder.local: {len(x)} rows are not a multiple of this process's "
+                       f"{self.local_multiple} batch shards")
+    g = multihost_utils.host_local_array_to_global_array(
+        x, self.mesh, P(lead, *([None] * (x.ndim - 1))))
+    y = self._local_fns[name](params, g)
+    y = multihost_utils.global_array_to_host_local_array(y, self.mesh, P(lead, None))
+    return np.asarray(y, np.float32)
 
   def images(self, params, images, *, batch_size=None) -> np.ndarray:
     """float32 [N,H,W,3] -> [N,D] float32 embeddings (before normalisation)."""

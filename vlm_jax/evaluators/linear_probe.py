@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.evaluators import data as eval_data
 from vlm_jax.evaluators.encoder import Encoder
 from vlm_jax.numeric import normalize
 
@@ -99,14 +100,21 @@ def select_and_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
   return w, b, lam
 
 
+_UNLABELLED = ("evals.linear_probe needs a labelled source (TFDS: a ClassLabel label_key; "
+               "folder: a 'label' column)")
+
+
 class LinearProbeEvaluator:
   """Linear-probe top-1 on ``config.evals.linear_probe``'s labelled splits.
+
+  Both splits are streamed in batches (each process reading its share); only the
+  image embeddings [N, D] and labels are kept, never the images.
 
   Args:
     config: the run's config (``evals.linear_probe``, ``data``, ``pp``).
     model: the two-tower model (only the image tower is used).
     mesh: optional device mesh the params live on.
-    train, test: optional dicts(images=float32 [N,H,W,3], labels=int [N]);
+    train, test: optional ``EvalSplit`` or dicts(images=float32 [N,H,W,3], labels=int [N]);
       read from the config when None.
     encoder: optional shared ``Encoder``.
 
@@ -118,30 +126,36 @@ class LinearProbeEvaluator:
   def __init__(self, config, model, *, mesh=None, train=None, test=None, encoder=None,
                tokenizer=None, workdir=None):
     del tokenizer, workdir  # image tower only; writes no files
-    from vlm_jax.evaluators import data as eval_data  # pylint: disable=import-outside-toplevel
+    from vlm_jax.data import eval_stream  # pylint: disable=import-outside-toplevel
     lcfg = config.evals.linear_probe
     self.batch_size = int(lcfg.get("batch_size", 256))
     self.l2_regs = tuple(float(v) for v in lcfg.get("l2_regs", (1e-3,)))
     self.val_fraction = float(lcfg.get("val_fraction", 0.2))
     if train is None:
-      train = eval_data.read_split(config, lcfg, lcfg.train_split, lcfg.num_train,
+      train = eval_data.eval_split(config, lcfg, lcfg.train_split, lcfg.num_train,
                                    what="evals.linear_probe (train)")
     if test is None:
-      test = eval_data.read_split(config, lcfg, lcfg.test_split, lcfg.num_test,
+      test = eval_data.eval_split(config, lcfg, lcfg.test_split, lcfg.num_test,
                                   what="evals.linear_probe (test)")
-    self.train, self.test = train, test
-    labels = np.concatenate([np.asarray(train["labels"]), np.asarray(test["labels"])])
-    if labels.min() < 0:
-      raise ValueError("evals.linear_probe needs a labelled source (TFDS: a ClassLabel "
-                       "label_key; folder: a 'label' column)")
-    names = train.get("classnames")
-    self.num_classes = len(names) if names else int(labels.max()) + 1
+    self.train, self.test = eval_stream.as_split(train), eval_stream.as_split(test)
+    for s in (self.train, self.test):
+      if isinstance(s, eval_stream.ArraySplit) and s.labels.min() < 0:
+        raise ValueError(_UNLABELLED)
+    names = self.train.classnames
+    # None: no class names; the largest label + 1, found when run.
+    self.num_classes = len(names) if names else None
     self.encoder = encoder or Encoder(model, mesh=mesh, batch_size=self.batch_size)
     self.last_l2 = None
+    self.num_skipped = 0  # corrupt examples the last run left out (both splits, all processes)
 
   def run(self, params, step: int | None = None) -> dict:
-    xtr = self.encoder.images(params, self.train["images"], batch_size=self.batch_size)
-    xte = self.encoder.images(params, self.test["images"], batch_size=self.batch_size)
-    w, b, self.last_l2 = select_and_fit(xtr, np.asarray(self.train["labels"]),
-                                        self.num_classes, self.l2_regs, self.val_fraction)
-    return {"linear_probe/top1": accuracy(w, b, xte, self.test["labels"])}
+    tr = eval_data.embed_split(self.train, self.encoder, params, self.batch_size)
+    te = eval_data.embed_split(self.test, self.encoder, params, self.batch_size)
+    self.num_skipped = tr["num_skipped"] + te["num_skipped"]
+    labels = np.concatenate([tr["labels"], te["labels"]])
+    if labels.min() < 0:
+      raise ValueError(_UNLABELLED)
+    num_classes = self.num_classes or int(labels.max()) + 1
+    w, b, self.last_l2 = select_and_fit(tr["outputs"], tr["labels"], num_classes,
+                                        self.l2_regs, self.val_fraction)
+    return {"linear_probe/top1": accuracy(w, b, te["outputs"], te["labels"])}

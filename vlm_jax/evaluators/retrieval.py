@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vlm_jax.evaluators import data as eval_data
 from vlm_jax.evaluators.encoder import Encoder
 from vlm_jax.numeric import normalize
 
@@ -93,15 +94,20 @@ def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndar
 class RetrievalEvaluator:
   """Recall@k on ``config.evals.retrieval``'s paired data.
 
+  The images are streamed in batches (each process reading its share); only their
+  embeddings [N, D] and captions are kept, so memory does not grow with the images.
+
   Args:
     config: the run's config (``evals.retrieval``, ``data``, ``pp``, ``tokenizer``).
     model: the two-tower model.
     mesh: optional device mesh the params live on.
-    data: optional dict(images=float32 [N,H,W,3], texts=list of N lists of str);
-      read from the config when None (``evaluators.data.read_split``).
+    data: optional ``EvalSplit``, or dict(images=float32 [N,H,W,3], texts=list of N
+      lists of str); read from the config when None (``evaluators.data.eval_split``).
     tokenizer, encoder: optional; built from the config when None.
 
   ``run(params)`` -> {"retrieval/i2t_r1": ..., "retrieval/t2i_r10": ...}.
+  After ``run`` (or at once for in-memory data): ``texts`` (the M captions),
+  ``text_image`` (int [M], each caption's image) and ``tokens`` (int32 [M, L]).
   """
 
   name = "retrieval"
@@ -109,27 +115,35 @@ class RetrievalEvaluator:
   def __init__(self, config, model, *, mesh=None, data=None, tokenizer=None, encoder=None,
                workdir=None):
     del workdir  # writes no files
-    from vlm_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
-    from vlm_jax.evaluators import data as eval_data  # pylint: disable=import-outside-toplevel
+    from vlm_jax.data import eval_stream, tokenizers  # pylint: disable=import-outside-toplevel
     rcfg = config.evals.retrieval
     self.batch_size = int(rcfg.get("batch_size", 256))
     self.ks = tuple(int(k) for k in rcfg.get("ks", (1, 5, 10)))
     if data is None:
-      data = eval_data.read_split(config, rcfg, rcfg.split, rcfg.num_examples,
+      data = eval_data.eval_split(config, rcfg, rcfg.split, rcfg.num_examples,
                                   what="evals.retrieval")
-    self.images = np.asarray(data["images"])
-    texts = [list(t) for t in data["texts"]]
-    if len(texts) != len(self.images):
-      raise ValueError(f"evals.retrieval: {len(self.images)} images but {len(texts)} caption lists")
-    self.texts = [t for group in texts for t in group]
-    self.text_image = np.asarray([i for i, group in enumerate(texts) for _ in group], np.int64)
-    tokenizer = tokenizer or tokenizers.build_tokenizer(config.tokenizer)
-    self.tokens = tokenizer.encode(self.texts)
+    self.data = eval_stream.as_split(data)
+    self.tokenizer = tokenizer or tokenizers.build_tokenizer(config.tokenizer)
     self.encoder = encoder or Encoder(model, mesh=mesh, batch_size=self.batch_size)
+    self.texts, self.text_image, self.tokens = None, None, None
+    self.num_skipped = 0  # corrupt examples the last run left out (all processes)
+    if isinstance(self.data, eval_stream.ArraySplit):
+      self._set_captions(self.data.texts)
+
+  def _set_captions(self, texts) -> None:
+    texts = [list(t) for t in texts]
+    flat = [t for group in texts for t in group]
+    if flat != self.texts:  # the same captions as the last run keep their tokens
+      self.texts, self.tokens = flat, self.tokenizer.encode(flat)
+    self.text_image = np.asarray([i for i, group in enumerate(texts) for _ in group], np.int64)
 
   def embed(self, params) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings [N, D], caption embeddings [M, D]), not normalised."""
-    return (self.encoder.images(params, self.images, batch_size=self.batch_size),
+    """(image embeddings [N, D], caption embeddings [M, D]), not normalised; N counts
+    the readable images (every process's), in split order."""
+    got = eval_data.embed_split(self.data, self.encoder, params, self.batch_size, texts=True)
+    self._set_captions(got["texts"])
+    self.num_skipped = got["num_skipped"]
+    return (got["outputs"],
             self.encoder.tokens(params, self.tokens, batch_size=self.batch_size))
 
   def run(self, params, step: int | None = None) -> dict:
