@@ -61,7 +61,7 @@ import numpy as np
 
 from vlm_jax import inference
 from vlm_jax.data import packing, preprocess
-from vlm_jax.models import layers
+from vlm_jax.models import layers, scan
 from vlm_jax.models.vit import ViT
 
 __all__ = ["attention_maps", "attention_rollout", "patch_embeddings", "similarity_map",
@@ -115,13 +115,13 @@ def preprocess_image(tower: ViT, image: Any, value_range: Sequence[float] = (-1.
 @functools.lru_cache(maxsize=8)
 def _forward(tower: ViT):
   """jit(variables, x) -> (output, out dict, intermediates) of a tower that sows attention."""
-  run = tower.clone(remat=False, dropout=0.0)
+  run = tower.clone(remat=False, remat_policy="", dropout=0.0)
   if not layers.sows_attention_weights(run.attention_fn):
     run = run.clone(attention_fn=None)
 
   def fn(variables, x):
     (y, out), state = run.apply(variables, x, mutable=["intermediates"])
-    return y, out, state["intermediates"]
+    return y, out, scan.to_unrolled(state["intermediates"])  # a scanned tower's: stacked
   return jax.jit(fn)
 
 

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.models import scan
+
 LORA_A, LORA_B, LORA_SCALE = "_lora_a", "_lora_b", "_lora_scale"
 _LORA_SUFFIXES = (LORA_A, LORA_B, LORA_SCALE)
 # Both towers' attention projections and MLP layers (the MAP head's too).
@@ -102,6 +104,11 @@ def check_config(config) -> None:
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
     raise ValueError(f"config.finetune.lora.rank must be an int >= 0, got {rank!r}")
   if rank:
+    model = config.get("model") or {}
+    scanned = [f"model.{t}.scan" for t in ("image", "text") if (model.get(t) or {}).get("scan")]
+    if scanned:
+      raise ValueError(f"config.finetune.lora.rank > 0 needs unrolled encoder blocks: set "
+                       f"{' and '.join(scanned)} to False (LoRA factors are per layer)")
     if not float(lora.get("alpha", 0)) > 0:
       raise ValueError(f"config.finetune.lora.alpha must be > 0, got {lora.get('alpha')!r}")
     rate = lora.get("dropout", 0.0) or 0.0
@@ -403,6 +410,8 @@ def load_init(config, params, model_state) -> tuple[Any, dict, InitReport]:
   "/"-joined path; each loaded one is placed on its target's sharding in the
   target's dtype. A learned image position embedding [1, g*g, D] on another
   square grid is resampled; keys matching ``config.init.skip`` stay fresh.
+  A source in the other layer layout (scanned ``encoderblock`` stacks vs
+  ``encoderblock_{i}``; ``models/scan.py``) is converted to the model's first.
 
   Returns:
     (params, model_state, report): the trees and an ``InitReport`` (printable).
@@ -414,7 +423,10 @@ def load_init(config, params, model_state) -> tuple[Any, dict, InitReport]:
   check_config(config)
   kind, where, source = _read_source(config)
   skip = config.init.get("skip")
-  target = _flat({"params": params, **dict(model_state or {})})
+  tree = {"params": params, **dict(model_state or {})}
+  # Scanned (stacked) vs unrolled encoder blocks: the source follows the model's layout.
+  source = _flat(scan.match_layout(_unflat(source), tree))
+  target = _flat(tree)
   out, loaded, fresh, skipped, resampled, mismatched = {}, [], [], [], [], []
   n_loaded = n_lora = 0
   for key, t in target.items():

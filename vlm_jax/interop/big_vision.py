@@ -36,11 +36,11 @@ import numpy as np
 
 from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, check_against, flatten, unflatten
+from vlm_jax.models import scan
 from vlm_jax.models.two_tower import TwoTower
 
 __all__ = ["load_npz", "read_npz", "infer_config", "resample_posemb"]
 
-_SCANNED = re.compile(r"^(.*)/encoderblock/(.*)$")
 _BLOCK = re.compile(r"^(img|txt)/Transformer/encoderblock_(\d+)/")
 
 
@@ -50,15 +50,8 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         flat = {k: np.asarray(z[k]) for k in z.files}
     if any(k.startswith("params/") for k in flat):
         flat = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
-    out = {}
-    for k, v in flat.items():
-        k = re.sub(r"^txt/Encoder_0/", "txt/Transformer/", k)
-        m = _SCANNED.match(k)
-        if m:  # scanned layers: one stacked array per parameter
-            for i in range(v.shape[0]):
-                out[f"{m.group(1)}/encoderblock_{i}/{m.group(2)}"] = v[i]
-        else:
-            out[k] = v
+    flat = {re.sub(r"^txt/Encoder_0/", "txt/Transformer/", k): v for k, v in flat.items()}
+    out = flatten(scan.to_unrolled(unflatten(flat)))  # scanned layers: stacked [depth, ...]
     for tower in ("img", "txt"):
         old = out.pop(f"{tower}/Transformer/pos_embedding", None)
         if old is not None:
@@ -173,7 +166,9 @@ def load_npz(path: str, config: Mapping | ml_collections.ConfigDict | None = Non
     config: optional model config (ConfigDict or a partial dict) whose fields
     override those inferred from the tensor shapes, e.g. {"image": {"image_size": 384}}
     (the learned posemb is then resampled bilinearly from the stored square grid
-    to the new grid) or {"text": {"max_len": 16}} (text posemb truncated).
+    to the new grid) or {"text": {"max_len": 16}} (text posemb truncated), or
+    {"image": {"scan": True}, "text": {"scan": True}} (stacked layers, big_vision's
+    own layout; the params come in the model's layout either way).
     Raises CheckpointMismatchError listing missing / unexpected keys and shape
     mismatches when the tensors do not fit the model.
     """
@@ -191,7 +186,7 @@ def load_npz(path: str, config: Mapping | ml_collections.ConfigDict | None = Non
                          f"multiple of the patch size {model.image.patch_size}") from None
     recipe = ml_collections.ConfigDict({"model": cfg})
     abstract = models.abstract_variables(model, recipe)["params"]
-    expected = {k: tuple(a.shape) for k, a in flatten(abstract).items()}
+    expected = {k: tuple(a.shape) for k, a in flatten(scan.to_unrolled(abstract)).items()}
 
     pe, want = flat.get("img/pos_embedding"), expected.get("img/pos_embedding")
     if pe is not None and want is not None and pe.shape != want and pe.shape[-1] == want[-1]:
@@ -204,4 +199,4 @@ def load_npz(path: str, config: Mapping | ml_collections.ConfigDict | None = Non
 
     check_against(path, flat, expected)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), unflatten(flat))
-    return model, {"params": params}
+    return model, {"params": scan.match_layout(params, abstract)}

@@ -48,7 +48,7 @@ from vlm_jax.interop import CheckpointMismatchError, flatten, unflatten
 from vlm_jax.interop.torch_layout import (  # noqa: F401  (read_safetensors: public here too)
     T, Rule, add_batch, apply_rules, drop_batch, hf_encoder, layernorm, linear, one,
     packed_attention, read_safetensors, write_safetensors)
-from vlm_jax.models import layers
+from vlm_jax.models import layers, scan
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import TwoTower
 from vlm_jax.models.navit import NaViT
@@ -406,10 +406,14 @@ def _rules(kind: str, model: TwoTower) -> list[Rule]:
     return rules
 
 
-def _expected_shapes(model: TwoTower, cfg) -> dict[str, tuple]:
+def _abstract_params(model: TwoTower, cfg) -> dict:
     recipe = ml_collections.ConfigDict({"model": cfg})
-    abstract = models.abstract_variables(model, recipe)["params"]
-    return {k: tuple(a.shape) for k, a in flatten(abstract).items()}
+    return models.abstract_variables(model, recipe)["params"]
+
+
+def _expected_shapes(abstract: Mapping) -> dict[str, tuple]:
+    """{path: shape} in the unrolled layout the weight rules use (``models/scan.py``)."""
+    return {k: tuple(a.shape) for k, a in flatten(scan.to_unrolled(abstract)).items()}
 
 
 def _to_ours(kind: str, model: TwoTower, tensors: Mapping[str, np.ndarray],
@@ -429,8 +433,9 @@ def load(path: str, *, overrides: Mapping | None = None) -> tuple[TwoTower, dict
     vision front-end a family module reads (see ``_FAMILIES``: LLaVA, PaliGemma,
     BLIP-2, Idefics2, Idefics3, and standalone Q-Former / Perceiver Resampler).
     overrides: model-config fields to change that do not affect the weights,
-    e.g. {"dtype": "bfloat16", "image": {"remat": True}}.
-    Returns an unbound ``TwoTower`` and {"params": ...} of float32 jax arrays.
+    e.g. {"dtype": "bfloat16", "image": {"remat": True, "scan": True}}.
+    Returns an unbound ``TwoTower`` and {"params": ...} of float32 jax arrays, in
+    the model's layer layout (scanned stacks with model.*.scan; see models/scan.py).
     Raises CheckpointMismatchError (missing / unexpected keys, shape mismatches)
     when the tensors do not fit the architecture described by config.json.
     """
@@ -443,8 +448,9 @@ def load(path: str, *, overrides: Mapping | None = None) -> tuple[TwoTower, dict
         cfg = ml_collections.ConfigDict(_merged(cfg, overrides))
     model = models.build(cfg)
     tensors = read_safetensors(path)
-    flat = _to_ours(kind, model, tensors, _expected_shapes(model, cfg), path)
-    params = jax.tree.map(jnp.asarray, unflatten(flat))
+    abstract = _abstract_params(model, cfg)
+    flat = _to_ours(kind, model, tensors, _expected_shapes(abstract), path)
+    params = scan.match_layout(jax.tree.map(jnp.asarray, unflatten(flat)), abstract)
     return model, {"params": params}
 
 
@@ -474,10 +480,10 @@ def save(model: TwoTower, variables: Mapping, path: str, **token_ids) -> str:
     Params that do not fit the model raise CheckpointMismatchError.
     ``token_ids``: optional bos_token_id / eos_token_id / pad_token_id for the
     text config (see ``hf_config``). ``AutoModel.from_pretrained(path)`` then
-    gives the same features and logits.
+    gives the same features and logits. Scanned (stacked) encoders are unstacked.
     """
     kind = _arch_of_model(model)
-    params = variables["params"] if "params" in variables else variables
+    params = scan.to_unrolled(variables["params"] if "params" in variables else variables)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     channels = 3
     if kind != "siglip2" and "img/embedding/kernel" in flat:
@@ -509,7 +515,8 @@ def _abstract_shapes(model: TwoTower, channels: int) -> dict[str, tuple]:
     tokens = jax.ShapeDtypeStruct((1, model.text.max_len), jnp.int32)
     abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                               images, tokens)
-    return {k: tuple(a.shape) for k, a in flatten(nn.meta.unbox(abstract)["params"]).items()}
+    params = scan.to_unrolled(nn.meta.unbox(abstract)["params"])
+    return {k: tuple(a.shape) for k, a in flatten(params).items()}
 
 
 def _numpy(x) -> np.ndarray:

@@ -73,7 +73,7 @@ from vlm_jax import models
 from vlm_jax.interop import CheckpointMismatchError, flatten, unflatten
 from vlm_jax.interop.torch_layout import (Rule, add_batch, attention, drop_batch, layernorm,
                                           linear, one, packed_attention, read_safetensors)
-from vlm_jax.models import clip_resnet
+from vlm_jax.models import clip_resnet, scan
 from vlm_jax.models.two_tower import TwoTower
 
 __all__ = ["load", "model_config", "read_state_dict", "parse_name", "CheckpointMismatchError"]
@@ -359,15 +359,21 @@ def _rules(model: TwoTower) -> list[Rule]:
 
 
 def expected_shapes(model: TwoTower) -> dict[str, tuple]:
-    """{"params/..." | "batch_stats/...": shape} of ``model.init``'s variables (none allocated)."""
+    """{"params/..." | "batch_stats/...": shape} of ``model.init``'s variables (none allocated),
+    in the unrolled layout the weight rules use (``models/scan.py``)."""
+    abstract = scan.to_unrolled(nn.meta.unbox(abstract_variables(model)))
+    return {k: tuple(a.shape) for k, a in flatten(abstract).items()}
+
+
+def abstract_variables(model: TwoTower) -> dict:
+    """``model.init``'s variables as boxed ShapeDtypeStructs (nothing allocated)."""
     img = model.image
     size = img.image_size
     h, w = (size, size) if np.isscalar(size) else size
     images = jax.ShapeDtypeStruct((1, int(h), int(w), 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, model.text.max_len), jnp.int32)
-    abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                              images, tokens)
-    return {k: tuple(a.shape) for k, a in flatten(nn.meta.unbox(abstract)).items()}
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          images, tokens)
 
 
 def _convert(model: TwoTower, tensors: Mapping[str, np.ndarray], source: str) -> dict:
@@ -403,7 +409,7 @@ def _convert(model: TwoTower, tensors: Mapping[str, np.ndarray], source: str) ->
 # ---------------------------------------------------------------- public API
 
 def load(name: str, state_dict, *, image_size=None, force_quick_gelu: bool = False,
-         dtype: str = "float32") -> tuple[TwoTower, dict]:
+         dtype: str = "float32", scan_layers: bool = False) -> tuple[TwoTower, dict]:
     """An open_clip checkpoint as a vlm_jax ``TwoTower`` -> (model, variables).
 
     name: open_clip model name, e.g. "RN50", "RN101", "RN50x4", "ViT-B-32", "ViT-B-16",
@@ -413,6 +419,8 @@ def load(name: str, state_dict, *, image_size=None, force_quick_gelu: bool = Fal
     image_size: int or (h, w); only needed for a ViT whose posemb grid is not square.
     force_quick_gelu: QuickGELU whatever the name says (open_clip's option of that name).
     dtype: compute dtype "float32" | "bfloat16" | "float16"; variables stay float32.
+    scan_layers: build the transformer towers with model.{image,text}.scan (stacked
+      ``encoderblock`` params, see ``models/scan.py``); the outputs are the same.
 
     Returns the unbound model and {"params": ...} (+ "batch_stats" for ResNets: the
     BatchNorm running statistics) of float32 jax arrays.
@@ -429,7 +437,11 @@ def load(name: str, state_dict, *, image_size=None, force_quick_gelu: bool = Fal
     tensors = read_state_dict(state_dict)
     cfg = model_config(name, tensors, image_size=image_size,
                        force_quick_gelu=info["quick_gelu"], dtype=dtype)
+    if scan_layers:
+        cfg["text"]["scan"] = True
+        if cfg["image"]["type"] == "vit":
+            cfg["image"]["scan"] = True
     model = models.build(cfg)
     flat = _convert(model, tensors, f"open_clip {name} {source}")
     variables = jax.tree.map(jnp.asarray, unflatten(flat))
-    return model, variables
+    return model, scan.match_layout(variables, nn.meta.unbox(abstract_variables(model)))

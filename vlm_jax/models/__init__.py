@@ -31,7 +31,16 @@ key is an error):
     model.image.dropout        0.0
     model.image.act            "gelu_tanh"  "gelu_tanh" | "gelu" | "quick_gelu"
     model.image.ln_eps         1e-6
-    model.image.remat          False      rematerialise each encoder block
+    model.image.remat          False      rematerialise each encoder block (= remat_policy "full")
+    model.image.remat_policy   ""         what a block keeps for the backward pass: "none" |
+                                          "full" | "dots_saveable" |
+                                          "dots_with_no_batch_dims_saveable" | "offload"
+                                          (models/scan.py); "" follows remat
+    model.image.scan           False      run the encoder blocks as one nn.scan: params
+                                          Transformer/encoderblock/... stacked [depth, ...]
+                                          (big_vision's layout; faster compiles). Not with
+                                          tome_r. ``models.scan.to_scanned`` / ``to_unrolled``
+                                          convert params, and loaders convert as needed
     model.image.stem_depths    (3, 4, 9)  stem "resnet" (hybrid ViT, R50+B/16): ResNet stages
     model.image.tome_r         0          Token Merging (models/tome.py): tokens merged per
                                           block, an int or a per-block tuple; 0 = plain ViT
@@ -80,6 +89,8 @@ key is an error):
     model.text.act             "gelu_tanh"
     model.text.ln_eps          1e-6
     model.text.remat           False
+    model.text.remat_policy    ""         as model.image.remat_policy
+    model.text.scan            False      as model.image.scan (not for a captioner's decoder)
     model.num_classes          None       set: an ImageClassifier (image tower + Dense head,
                                           models/classifier.py) instead of a two-tower; the
                                           classification task fills it from the data
@@ -150,7 +161,8 @@ def _defaults() -> dict:
             stem_features=(64, 128, 256), stem_strides=(2, 2, 2), head=False, head_bias=True,
             patch_bias=True, pre_norm=False, dropout=0.0, act="gelu_tanh", ln_eps=1e-6,
             remat=False, posemb_coords="absolute", posemb_size=None, attention="reference",
-            seq_len=256, max_images=16, stem_depths=(3, 4, 9), tome_r=0,
+            seq_len=256, max_images=16, stem_depths=(3, 4, 9), tome_r=0, scan=False,
+            remat_policy="",
             # CNN towers (type resnet | bit | convnext | clip_resnet); None: from the variant.
             stage_depths=None, widths=None, base_width=64, width_factor=1, bn_momentum=0.9,
             bn_eps=1e-5, zero_init_residual=True, root="imagenet", preact=True, drop_path=0.0,
@@ -158,7 +170,8 @@ def _defaults() -> dict:
         text=dict(
             variant="B", width=None, depth=None, mlp_dim=None, num_heads=None,
             vocab_size=32000, max_len=64, pool_type="last", causal=False, head_bias=True,
-            dropout=0.0, act="gelu_tanh", ln_eps=1e-6, remat=False),
+            dropout=0.0, act="gelu_tanh", ln_eps=1e-6, remat=False, scan=False,
+            remat_policy=""),
         num_classes=None,
         head_init="zeros",
         out_dim=None,
@@ -202,6 +215,9 @@ def _captioner_kwargs(cfg: dict) -> dict | None:
                          f"{cap['parallel_fraction']!r}")
     if int(cap["cross_every"]) < 1:
         raise ValueError(f"model.captioner.cross_every must be >= 1, got {cap['cross_every']!r}")
+    if cfg["text"]["scan"] or cfg["text"]["remat_policy"]:
+        raise ValueError("model.text.scan / model.text.remat_policy shape a text encoder; a "
+                         "captioner's decoder is unrolled (model.text.remat turns its remat on)")
     return dict(cap)
 
 
@@ -310,7 +326,11 @@ def resolve_config(model_config) -> dict:
             head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
             pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
             ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype,
-            tome_r=_tome_r(img["tome_r"]))
+            tome_r=_tome_r(img["tome_r"]), **_layer_kwargs(img, "model.image"))
+        if image_kw["scan"] and image_kw["tome_r"]:
+            raise ValueError("model.image.scan=True cannot run Token Merging (tome_r="
+                             f"{img['tome_r']!r}): each block changes the token count, which "
+                             "a scan over layers cannot carry; set scan=False or tome_r=0")
     if num_classes is None and not img["head"] and captioner is None:
         d_img = image_kw["width"]
         if img["pool_type"] == "none":
@@ -346,8 +366,19 @@ def _text_kwargs(txt: dict, out_dim, dtype) -> dict:
         vocab_size=int(txt["vocab_size"]), max_len=int(txt["max_len"]),
         pool_type=txt["pool_type"], causal=bool(txt["causal"]), head=out_dim,
         head_bias=bool(txt["head_bias"]), dropout=float(txt["dropout"]), act=txt["act"],
-        ln_eps=float(txt["ln_eps"]), remat=bool(txt["remat"]), dtype=dtype)
+        ln_eps=float(txt["ln_eps"]), remat=bool(txt["remat"]), dtype=dtype,
+        **_layer_kwargs(txt, "model.text"))
     return text_kw
+
+
+def _layer_kwargs(section: dict, path: str) -> dict:
+    """The encoder's ``scan`` / ``remat_policy`` kwargs of model.image or model.text (checked)."""
+    from vlm_jax.models import scan  # pylint: disable=import-outside-toplevel
+    policy = scan.remat_policy(bool(section["remat"]), section["remat_policy"],
+                               f"{path}.remat_policy")
+    if policy not in ("none", "full"):
+        scan.checkpoint_policy(policy)  # fails early where the backend lacks it
+    return dict(scan=bool(section["scan"]), remat_policy=section["remat_policy"] or "")
 
 
 def _image_tower(r: dict) -> nn.Module:
@@ -414,8 +445,8 @@ def _navit_kwargs(img: dict, shape_kw: dict, patch, out_dim: int, dtype) -> dict
               head=out_dim if img["head"] else None, head_bias=bool(img["head_bias"]),
               patch_bias=bool(img["patch_bias"]), dropout=float(img["dropout"]),
               act=img["act"], ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]),
-              attention=img["attention"], max_images=max_images,
-              seq_len=int(img["seq_len"]), image_size=int(size), dtype=dtype)
+              attention=img["attention"], max_images=max_images, seq_len=int(img["seq_len"]),
+              image_size=int(size), dtype=dtype, **_layer_kwargs(img, "model.image"))
     return kw
 
 

@@ -240,7 +240,8 @@ class NaViT(nn.Module):
     ``max_images`` is the number of slots when the batch has no ``grid_sizes``
     (image-array inputs have 1); with ``seq_len`` it is also the packing default
     of ``vlm_jax.inference``. ``image_size`` is only the size of the dummy images
-    ``models.init`` uses. ``channels`` is the pixel channels (3).
+    ``models.init`` uses. ``channels`` is the pixel channels (3). ``scan`` /
+    ``remat_policy``: as ``layers.Encoder`` (``Transformer/encoderblock/...`` stacked).
     """
 
     width: int
@@ -265,6 +266,8 @@ class NaViT(nn.Module):
     image_size: int = 224
     channels: int = 3
     dtype: Any = jnp.float32
+    scan: bool = False
+    remat_policy: str = ""
 
     def _check(self):
         for field, value, allowed in (("posemb", self.posemb, POSEMB_TYPES),
@@ -327,7 +330,8 @@ class NaViT(nn.Module):
         x, enc_out = layers.Encoder(
             depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
             dropout=self.dropout, act=self.act, ln_eps=self.ln_eps, attention_fn=attn,
-            remat=self.remat, dtype=self.dtype, name="Transformer")(x, mask, train)
+            remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, dtype=self.dtype,
+            name="Transformer")(x, mask, train)
         out.update({f"encoder/{k}": v for k, v in enc_out.items()})
         out["encoded"] = x
 

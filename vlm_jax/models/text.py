@@ -1,7 +1,8 @@
 """Text transformer tower (SigLIP style by default, CLIP style by options).
 
 Params: ``Embed_0/embedding`` [vocab, width], ``pos_embedding`` [1, max_len, width],
-``Transformer/encoderblock_{i}/...``, ``Transformer/encoder_norm``, ``head``.
+``Transformer/encoderblock_{i}/...`` (``Transformer/encoderblock/...`` stacked
+[depth, ...] with ``scan``, see ``models/scan.py``), ``Transformer/encoder_norm``, ``head``.
 
 SigLIP: non-causal attention, no padding mask, pool the last position, head with bias.
 CLIP:   causal mask, pool at the argmax token id (the EOT token has the largest id
@@ -39,6 +40,7 @@ class TextTransformer(nn.Module):
     out: "embedded" [B, L, width] (tokens + positions), "encoder/block{i:02d}",
     "encoded" [B, L, width] (final-normed), "pre_logits" [B, width], "logits".
     Pool types: "last" (position -1), "eos" (argmax token id per row), "first", "mean".
+    ``scan`` / ``remat_policy``: as ``layers.Encoder``.
     """
 
     vocab_size: int
@@ -57,6 +59,8 @@ class TextTransformer(nn.Module):
     remat: bool = False
     attention_fn: Callable | None = None
     dtype: Any = jnp.float32
+    scan: bool = False
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(self, tokens, train: bool = False):
@@ -81,7 +85,7 @@ class TextTransformer(nn.Module):
             depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
             dropout=self.dropout, act=self.act, ln_eps=self.ln_eps,
             attention_fn=self.attention_fn, remat=self.remat, dtype=self.dtype,
-            name="Transformer")(x, mask, train)
+            remat_policy=self.remat_policy, scan=self.scan, name="Transformer")(x, mask, train)
         out.update({f"encoder/{k}": v for k, v in enc_out.items()})
         out["encoded"] = x
 

@@ -4,7 +4,8 @@ Params: ``embedding`` (patch conv; after ``stem_conv_{i}`` for the conv stem, or
 after the ResNet stem's ``conv_root``, ``gn_root``, ``block{s}/...`` for stem "resnet"),
 ``pos_embedding`` (learned posemb only), ``cls`` (pool "tok" only), ``pre_norm``
 (CLIP-style LayerNorm before the encoder, off by default),
-``Transformer/encoderblock_{i}/...``, ``Transformer/encoder_norm``,
+``Transformer/encoderblock_{i}/...`` (``Transformer/encoderblock/...`` stacked
+[depth, ...] with ``scan``), ``Transformer/encoder_norm``,
 ``MAPHead_0/...`` (pool "map"), ``head`` (optional projection).
 See ``layers`` for the logical axis names.
 """
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models import layers, resnet, tome
+from vlm_jax.models import layers, resnet, scan, tome
 
 # Published widths/depths/MLP dims/heads (Zhai et al. 2021, "Scaling Vision
 # Transformers", Table 2; So400m from Alabdulmohsin et al. 2023, "Getting ViT in
@@ -96,6 +97,11 @@ class ViT(nn.Module):
     out["token_sizes"] [B, N'(+1)] float32 gives how many patches (or the CLS)
     each of out["tokens"] stands for. Same parameters as tome_r=0; attention
     weights are not sown (explain.py needs tome_r=0). tome_r=0 is the plain ViT.
+
+    ``scan`` runs the encoder blocks as one ``nn.scan`` (params
+    ``Transformer/encoderblock/...`` stacked [depth, ...]; see ``models/scan.py``),
+    ``remat_policy`` picks what each block keeps for the backward pass; both as
+    ``layers.Encoder``. scan does not combine with ``tome_r`` (ValueError).
     """
 
     width: int
@@ -121,6 +127,8 @@ class ViT(nn.Module):
     attention_fn: Callable | None = None
     dtype: Any = jnp.float32
     tome_r: int | Sequence[int] = 0
+    scan: bool = False
+    remat_policy: str = ""
 
     def _check(self):
         for field, value, allowed in (("pool_type", self.pool_type, POOL_TYPES),
@@ -206,8 +214,15 @@ class ViT(nn.Module):
                 depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                 dropout=self.dropout, act=self.act, ln_eps=self.ln_eps,
                 attention_fn=self.attention_fn, remat=self.remat, dtype=self.dtype,
-                name="Transformer")(x, None, train)
+                remat_policy=self.remat_policy, scan=self.scan, name="Transformer")(x, None, train)
         else:
+            if self.scan:
+                raise ValueError("ViT scan=True cannot run Token Merging (tome_r > 0): each "
+                                 "block changes the token count; use scan=False with ToMe")
+            policy = scan.remat_policy(self.remat, self.remat_policy)
+            if policy not in ("none", "full"):
+                raise ValueError(f"ViT with tome_r > 0 rematerialises fully or not at all; "
+                                 f"remat_policy={policy!r} needs tome_r=0")
             if self.is_mutable_collection("intermediates"):
                 raise ValueError("ViT with tome_r > 0 does not sow attention weights (token "
                                  "counts change per block); use tome_r=0 for attention maps")
@@ -215,7 +230,7 @@ class ViT(nn.Module):
                 depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                 r=schedule, protect_first=self.pool_type == "tok", dropout=self.dropout,
                 act=self.act, ln_eps=self.ln_eps, attention_fn=self.attention_fn,
-                remat=self.remat, dtype=self.dtype, name="Transformer")(x, None, train)
+                remat=policy == "full", dtype=self.dtype, name="Transformer")(x, None, train)
             out["token_sizes"] = sizes
         out.update({f"encoder/{k}": v for k, v in enc_out.items()})
         out["tokens"] = encoded = x
