@@ -4,7 +4,9 @@ A checkpoint under ``WORKDIR/checkpoints/<step>/`` holds two items:
 
   state  the TrainState pytree: step, params, optimizer state, RNG key
   data   the input pipeline's iterator state (JSON), so a resumed run reads
-         exactly the batches an uninterrupted run would have read
+         exactly the batches an uninterrupted run would have read; a run of
+         several processes stores every process's own state
+         ({"per_process": [state of process 0, state of process 1, ...]})
 
 Saves are asynchronous; a save is only visible once Orbax has finalised it
 (atomic rename), so a run killed mid-save leaves the previous checkpoint intact.
@@ -30,6 +32,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -110,7 +113,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state or {}),
+            data=ocp.args.JsonSave(_gather_data_states(data_state)),
         ),
         metrics=metrics, force=force)
 
@@ -122,7 +125,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
         ))
-    return restored["state"], dict(restored["data"] or {})
+    return restored["state"], _own_data_state(dict(restored["data"] or {}), step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -130,6 +133,41 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+PER_PROCESS = "per_process"
+
+
+def _gather_data_states(data_state: dict | None) -> dict:
+  """The data item of a save: this state on one process; with several, every
+  process's state in process order (a collective: every process calls it, as
+  every process calls ``save``; Orbax writes JSON items from process 0 only)."""
+  data_state = data_state or {}
+  if jax.process_count() == 1:
+    return data_state
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64)))
+  sizes = sizes.reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return {PER_PROCESS: [json.loads(bytes(b[:n]).decode()) for b, n in zip(blobs, sizes)]}
+
+
+def _own_data_state(data: dict, step: int) -> dict:
+  """This process's data iterator state from a restored data item ({} to start the
+  data afresh when the checkpoint was written by another number of processes)."""
+  states = data.get(PER_PROCESS) if PER_PROCESS in data else ([data] if data else [])
+  if not states:
+    return {}
+  if len(states) != jax.process_count():
+    logging.warning(
+        "The checkpoint at step %d was written by %d process(es), this run has %d: "
+        "each process's input pipeline starts afresh instead of where it stopped.",
+        step, len(states), jax.process_count())
+    return {}
+  return dict(states[jax.process_index()])
 
 
 @contextlib.contextmanager
@@ -142,6 +180,16 @@ def _quiet_orbax():
     yield
   finally:
     logger.setLevel(level)
+
+
+def _set_scan(config, value: bool) -> None:
+  """Sets model.image.scan / model.text.scan where they apply (transformer towers)."""
+  from vlm_jax import models  # pylint: disable=import-outside-toplevel
+  model = config.model
+  if model.image.get("type", "vit") in ("vit", "navit", "naflex"):
+    model.image.scan = value
+  if not models.is_captioner(model):
+    model.text.scan = value
 
 
 @dataclasses.dataclass
@@ -197,7 +245,19 @@ def param_shardings(model, config, mesh):
   return variable_shardings(model, config, mesh)["params"]
 
 
-def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoint:
+def _stored_params(workdir: str, step: int):
+  """The params tree (of ArrayMetadata) of a saved train state, read from its metadata."""
+  path = os.path.join(checkpoint_dir(workdir), str(step), "state")
+  try:
+    with _quiet_orbax():  # it warns that the item has no step-level metadata file
+      tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  except (FileNotFoundError, ValueError, AttributeError):
+    return None
+  return tree.get("params") if isinstance(tree, dict) else None
+
+
+def load(workdir: str, step: int | None = None, *, mesh=None,
+         scan: bool | None = None) -> LoadedCheckpoint:
   """Loads a training run's checkpoint for evaluation.
 
   Works whatever mesh or device count the run was trained on: arrays are
@@ -209,6 +269,10 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
     mesh: optional ``jax.sharding.Mesh`` to place the params on, sharded by their
       logical axes and the run's ``sharding_rules`` (FSDP/TP for models that do
       not fit one device). None: everything on the first local device.
+    scan: build the transformer towers with (True) or without (False) scan over
+      layers (``models/scan.py``), whatever the run used; None: as the run's
+      config. A checkpoint stored in the other layer layout than the model's
+      (stacked ``encoderblock`` vs ``encoderblock_{i}``) is converted on load.
 
   Returns:
     LoadedCheckpoint with ``config`` (the run's config), ``model`` (the built
@@ -221,8 +285,11 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
   # pylint: disable=import-outside-toplevel
   import flax.linen as nn
   from vlm_jax import finetune, models, parallel
+  from vlm_jax.models import scan as scan_lib
 
   config = read_config(workdir)
+  if scan is not None:
+    _set_scan(config, bool(scan))
   with _quiet_orbax():
     manager = ocp.CheckpointManager(
         checkpoint_dir(workdir), item_names=("state", "data"),
@@ -253,7 +320,12 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), variables, shardings)
     # Restore only the params (and BatchNorm statistics: the train state's
     # model_state) subtrees, straight onto the target shardings.
-    params = abstract.pop("params")
+    target = params = abstract.pop("params")
+    stored = _stored_params(workdir, step)
+    if stored is not None:  # restore in the stored layer layout, convert below
+      params = scan_lib.match_layout(target, stored)
+      if jax.tree.structure(params) == jax.tree.structure(target):
+        params = target
     item = {"params": params, **({"model_state": abstract} if abstract else {})}
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -264,6 +336,9 @@ def load(workdir: str, step: int | None = None, *, mesh=None) -> LoadedCheckpoin
   finally:
     manager.close()
   state = restored["state"]
+  if params is not target:
+    state["params"] = jax.device_put(scan_lib.match_layout(state["params"], target),
+                                     jax.tree.map(lambda x: x.sharding, target))
   # A LoRA run's factors are merged into their kernels: plain weights of config.model.
   return LoadedCheckpoint(config=config, model=model, params=finetune.merge_lora(state["params"]),
                           step=int(step), mesh=mesh,

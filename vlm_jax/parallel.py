@@ -15,7 +15,10 @@ named "data" or "fsdp"), so FSDP ranks also read different examples.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import signal
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -36,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("conv_in", None),
     ("conv_out", None),
+    ("layers", None),  # the stacked [depth, ...] dim of scanned encoder params (models/scan.py)
 )
 
 BATCH_AXIS_NAMES = ("data", "fsdp")
@@ -109,6 +113,51 @@ def logical_to_shardings(logical_specs, mesh, rules=DEFAULT_RULES):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules_for_mesh(mesh, rules))
 
 
+# (mesh, rules) while a train step is traced (``activation_rules``), else None.
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+  """Within it, ``constrain_activation`` pins activations to ``mesh`` by ``rules``.
+
+  The train step traces its model under it: without constraints XLA's sharding
+  propagation is free to split activations the way FSDP splits the weights
+  (on "embed") and all-reduce partial sums of whole-batch activations, instead
+  of gathering the weights. Unlike flax's ``nn.logical_axis_rules`` this leaves
+  parameter boxes alone (flax re-evaluates boxed inits during apply).
+  """
+  token = _ACTIVATION_RULES.set((mesh, rules_for_mesh(mesh, rules)))
+  try:
+    yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def constrain_activation(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on activation ``x`` from its logical axis ``names``.
+
+  Under ``activation_rules``: the rules' mesh axes (a mesh axis is used once, by
+  the first name that claims it, so ("batch", "length", "embed") under FSDP is
+  split on the batch only). Otherwise flax's ``nn.with_logical_constraint`` (a
+  no-op without ``nn.logical_axis_rules``).
+  """
+  active = _ACTIVATION_RULES.get()
+  if active is None:
+    return nn.with_logical_constraint(x, tuple(names))
+  mesh, rules = active
+  spec = nn.logical_to_mesh_axes(tuple(names), rules)
+  if is_explicit(mesh):
+    # Inside ``jax.sharding.auto_axes`` (how the tasks run towers on Explicit
+    # meshes) the context mesh has Auto axes: constrain on that one.
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or is_explicit(context):
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(context, spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
   """Sharding of a batch array: dimension 0 over the batch axes, rest replicated."""
   axes = batch_axes(mesh)
@@ -139,11 +188,31 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
 def maybe_initialize_distributed() -> None:
   """Calls ``jax.distributed.initialize()`` when launched as several processes.
 
-  Detected from the environment jax itself understands: an explicit
-  coordinator (JAX_COORDINATOR_ADDRESS), SLURM/Open MPI launches with more than
-  one task, or a multi-host Cloud TPU slice. A single process does nothing.
+  Detected from the environment: an explicit coordinator (JAX_COORDINATOR_ADDRESS,
+  with JAX_NUM_PROCESSES and JAX_PROCESS_ID where no cluster manager supplies
+  them), SLURM/Open MPI launches with more than one task, or a multi-host Cloud
+  TPU slice (whose hosts jax finds by itself). A single process does nothing.
+  On CPU, processes exchange collectives through gloo.
+
+  Raises:
+    ValueError: JAX_NUM_PROCESSES / JAX_PROCESS_ID are not integers, or one is set
+      without the other or without JAX_COORDINATOR_ADDRESS.
   """
   env = os.environ
+  num, pid = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+  kwargs = {}
+  for name, value, key in (("JAX_NUM_PROCESSES", num, "num_processes"),
+                           ("JAX_PROCESS_ID", pid, "process_id")):
+    if value is not None:
+      try:
+        kwargs[key] = int(value)
+      except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+  if (num is None) != (pid is None) or (kwargs and "JAX_COORDINATOR_ADDRESS" not in env):
+    raise ValueError("A multi-process launch by hand sets JAX_COORDINATOR_ADDRESS (host:port of "
+                     "process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID together; got "
+                     f"JAX_NUM_PROCESSES={num}, JAX_PROCESS_ID={pid}, "
+                     f"JAX_COORDINATOR_ADDRESS={env.get('JAX_COORDINATOR_ADDRESS')}")
   multi = (
       "JAX_COORDINATOR_ADDRESS" in env
       or int(env.get("SLURM_NTASKS", "1")) > 1
@@ -151,5 +220,21 @@ def maybe_initialize_distributed() -> None:
       or "," in env.get("TPU_WORKER_HOSTNAMES", "")
   )
   if multi and not jax.distributed.is_initialized():
-    logging.info("Multi-process launch detected: jax.distributed.initialize()")
-    jax.distributed.initialize()
+    logging.info("Multi-process launch detected: jax.distributed.initialize(%s)", kwargs)
+    if not jax.config.jax_cpu_collectives_implementation:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+
+
+def agreed_stop(step: int, local_signal: int | None) -> int | None:
+  """The signal to stop on after ``step``, the same on every process (None: go on).
+
+  One process: ``local_signal`` (the trainer's SIGTERM flag). Several: a SIGTERM
+  to any of them reaches jax's preemption service (``jax.distributed``), and all
+  processes stop after the same step (``reached_preemption_sync_point``), so
+  they save the same checkpoint together. Call it after every step.
+  """
+  if jax.process_count() == 1:
+    return local_signal
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
