@@ -1,4 +1,5 @@
 """The training program: real steps, metrics, config handling, checkpoints."""
+import glob
 import json
 import os
 import signal
@@ -58,8 +59,12 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_training_program_writes_metrics_config_and_checkpoints(tmp_path):
   workdir = str(tmp_path / "run")
-  c = _tiny(total_steps=6, log_every=2, eval_every=6, checkpoint_every=3)
+  c = _tiny(total_steps=6, log_every=2, eval_every=6, checkpoint_every=3, profile_steps=(4,))
   last = train.train_and_evaluate(c, workdir)
+  # config.profile_steps: a jax.profiler trace of step 4 only (vlm_jax/profiling.py)
+  assert [os.path.basename(p) for p in glob.glob(os.path.join(workdir, "profile", "*"))] == [
+      "step_4"] and glob.glob(os.path.join(workdir, "profile", "step_4", "**", "*.xplane.pb"),
+                              recursive=True)
   rows = _rows(workdir)
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [2, 4, 6]

@@ -89,6 +89,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.mesh entries are (name, size) pairs, got {entry!r}")
   if sum(1 for _, size in mesh if size == -1) > 1:
     raise ValueError(f"config.mesh may have at most one axis of size -1: {mesh}")
+  from vlm_jax import profiling  # pylint: disable=import-outside-toplevel
+  profiling.parse_steps(config.get("profile_steps"))  # ValueError naming the field
   _validate_keep_best(config)
   from vlm_jax import finetune  # pylint: disable=import-outside-toplevel
   finetune.check_config(config)
@@ -148,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3                 # most recent checkpoints kept
   c.keep_best_metric = ""                # e.g. "zeroshot/top1": also keep the best one
+  # Train steps traced with jax.profiler into WORKDIR/profile (TensorBoard / Perfetto):
+  # ints and "start:stop" strings, e.g. (5,) or ("10:13",); () = off. See vlm_jax/profiling.py.
+  c.profile_steps = ()
   c.model = models.default_config()
   c.optimizer = optim.default_config()
   c.loss = "sigmoid"                     # "sigmoid" (SigLIP) | "softmax" (CLIP)

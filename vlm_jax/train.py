@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import logs
-from vlm_jax import config_util, finetune, models, optim, parallel, tasks
+from vlm_jax import config_util, finetune, models, optim, parallel, profiling, tasks
 from vlm_jax.tasks.common import check_batch_size
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -136,7 +136,8 @@ def make_train_step(config, model, tx, lr_fn, mesh, state_shardings):
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads, model_state, task_metrics = grad_fn(state.params, state.model_state, batch, rng)
+    with parallel.activation_rules(mesh, parallel.rules_from_config(config)):
+      loss, grads, model_state, task_metrics = grad_fn(state.params, state.model_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -150,9 +151,9 @@ def make_train_step(config, model, tx, lr_fn, mesh, state_shardings):
                               model_state=model_state)
     return new_state, metrics
 
-  # Parameter and batch shardings are explicit; XLA propagates the rest. (No
-  # logical-rules context while tracing: flax's DenseGeneral re-runs boxed
-  # kernel inits at their flattened shape, which such constraints reject.)
+  # Parameter and batch shardings are explicit; activations are pinned by their
+  # logical axes (parallel.activation_rules; not flax's rules context, whose
+  # constraints reject DenseGeneral's boxed kernel inits re-run at flattened shape).
   return jax.jit(step_fn, in_shardings=(state_shardings, task.batch_shardings(config, mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),
                  donate_argnums=(0,))
@@ -222,6 +223,8 @@ class _StopSignal:
 
   def __init__(self):
     self.received = None
+    if jax.process_count() > 1:  # jax's preemption service takes it: parallel.agreed_stop
+      return
     try:
       signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. called from a notebook)
@@ -287,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(report, flush=True)
   log = MetricsLog(workdir, start_step if latest is not None else None, enabled=is_main)
 
-  train_step = make_train_step(config, model, tx, lr_fn, mesh, state_shardings)
+  prof = profiling.StepProfiler(config.get("profile_steps"), workdir, start_step)
+  train_step = prof.wrap(make_train_step(config, model, tx, lr_fn, mesh, state_shardings))
   evaluator = task.build_evaluators(config, model, mesh=mesh, workdir=workdir) or None
   stop = _StopSignal()
 
@@ -316,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # eval and checkpoint step, so no checkpoint ever holds a NaN state.
       pending.append((step, metrics["train/loss"]))
       # A signal read once per step: one arriving after this point stops the next step.
-      stopping = stop.received
+      stopping = parallel.agreed_stop(step, stop.received)
       saving = periodic(config.checkpoint_every, step) or stopping
       if saving or periodic(config.log_every, step) or periodic(config.eval_every, step):
         for s, value in pending:
@@ -363,6 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               flush=True)
         break
   finally:
+    prof.close()  # a trace still open (config.profile_steps)
     ckpt.close()  # waits for async saves, also when the run raises
     log.close()
   return last

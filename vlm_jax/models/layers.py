@@ -31,10 +31,14 @@ Parameters:
                 ConvNeXt's pointwise MLP ("conv_in", "mlp") and ("mlp", "conv_out").
                 BatchNorm running statistics (collection "batch_stats") carry no
                 names: they are small and stay replicated.
+    "layers"    the leading [depth] dim of a scanned encoder's stacked block params
+                (``Encoder(scan=True)``, see ``models/scan.py``); replicated by the
+                default rules, so each device holds its shards of every layer
     None        replicated: spatial kernel dims, leading singleton dims, scalars
                 such as the two-tower ``t`` and ``b``
 
-Activations (``nn.with_logical_constraint``, a no-op without rules):
+Activations (``constrain``: pinned by the train step's rules, ``parallel.activation_rules``;
+elsewhere flax's ``nn.with_logical_constraint``, a no-op without rules):
 
     ("batch", "length", "embed")   token streams between blocks
     ("batch", "length", "mlp")     the MLP hidden activation
@@ -52,6 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax import parallel
+from vlm_jax.models import scan as scan_lib
+
 Dtype = Any
 Array = jax.Array
 
@@ -64,8 +71,9 @@ def named_init(init, names):
 
 
 def constrain(x: Array, names: Sequence[str | None]) -> Array:
-    """Logical sharding constraint on an activation (a no-op without axis rules)."""
-    return nn.with_logical_constraint(x, tuple(names))
+    """Logical sharding constraint on an activation (a no-op without axis rules;
+    the train step's rules: ``parallel.activation_rules``)."""
+    return parallel.constrain_activation(x, names)
 
 
 def _quick_gelu(x: Array) -> Array:
@@ -90,17 +98,41 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 def dot_product_attention_f32(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                               dropout_rng=None, dropout_rate=0.0, deterministic=False,
                               dtype=None, precision=None, module=None):
-    """Default attention: flax's dot-product attention with the softmax in float32.
+    """Default attention: softmax(q k^T / sqrt(Dh) + bias, masked) v, the softmax in float32.
 
     query [B, Lq, H, Dh], key/value [B, Lk, H, Dh]; mask broadcastable to
-    [B, H, Lq, Lk] (True = attend). Returns [B, Lq, H, Dh] in the compute dtype.
-    Custom ``attention_fn`` hooks receive the same arguments (those their
-    signature accepts).
+    [B, H, Lq, Lk] (True = attend). Returns [B, Lq, H, Dh] (float32 when the
+    softmax ran in float32, as flax's ``nn.dot_product_attention`` with
+    ``force_fp32_for_softmax``, whose numerics, dropout and sown
+    ``attention_weights`` [B, H, Lq, Lk] (with ``module``) this follows).
+    Only the layout differs: heads are moved in front of the sequence before
+    the two batched matmuls ([B, H, L, Dh], as torch's SDPA takes them), which
+    XLA:CPU runs about twice as fast as flax's '...qhd,...khd->...hqk' form
+    (experiments/cpu_speed.md). Custom ``attention_fn`` hooks receive the same
+    arguments (those their signature accepts).
     """
-    return nn.dot_product_attention(
-        query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
-        dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
-        dtype=dtype, precision=precision, module=module, force_fp32_for_softmax=True)
+    query, key, value = nn.dtypes.promote_dtype(query, key, value, dtype=dtype)
+    dtype = query.dtype
+    q, k, v = (jnp.swapaxes(t, -3, -2) for t in (query, key, value))  # [..., H, L, Dh]
+    q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
+    w = jnp.einsum("...hqd,...hkd->...hqk", q, k, precision=precision)
+    if bias is not None:
+        w = w + bias
+    if mask is not None:
+        w = jnp.where(mask, w, jnp.finfo(dtype).min)
+    if dtype != jnp.float32:
+        w = jax.nn.softmax(w.astype(jnp.float32))  # stays float32, as in flax
+    else:
+        w = jax.nn.softmax(w)
+    if module:
+        module.sow("intermediates", "attention_weights", w)
+    if not deterministic and dropout_rate > 0.0:
+        keep_prob = 1.0 - dropout_rate
+        shape = ((1,) * (key.ndim - 2) + w.shape[-2:]) if broadcast_dropout else w.shape
+        keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+        w = w * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype))
+    out = jnp.einsum("...hqk,...hkd->...hqd", w, v, precision=precision)
+    return jnp.swapaxes(out, -3, -2)
 
 
 def layer_norm(name: str | None = None, eps: float = _LN_DEFAULT_EPS, dtype: Dtype = jnp.float32):
@@ -200,10 +232,17 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Stack of ``depth`` Encoder1DBlocks ("encoderblock_{i}") and a final LayerNorm ("encoder_norm").
+    """Stack of ``depth`` Encoder1DBlocks and a final LayerNorm ("encoder_norm").
 
     x [B, L, D] -> (x [B, L, D], out) with out["block{i:02d}"] the output of block i
-    (before the final norm). ``remat`` recomputes each block in the backward pass.
+    (before the final norm). Unused entries of ``out`` cost nothing under jit.
+
+    ``scan`` False: blocks "encoderblock_{i}", unrolled. True: one block run by
+    ``nn.scan`` with stacked params "encoderblock/..." [depth, ...] (leading
+    logical axis "layers"); sown attention weights are stacked the same way.
+    ``models.scan.to_scanned`` / ``to_unrolled`` convert between the layouts.
+    ``remat`` / ``remat_policy``: rematerialise each block in the backward pass
+    under a policy (``models.scan.REMAT_POLICIES``; "" follows ``remat``).
     """
 
     depth: int
@@ -215,19 +254,37 @@ class Encoder(nn.Module):
     attention_fn: Callable | None = None
     remat: bool = False
     dtype: Dtype = jnp.float32
+    remat_policy: str = ""
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None, train: bool = False):
-        out = {}
-        block_cls = Encoder1DBlock
-        if self.remat:
-            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,))  # (self, x, mask, train)
+        policy = scan_lib.remat_policy(self.remat, self.remat_policy)
+        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                  act=self.act, ln_eps=self.ln_eps, attention_fn=self.attention_fn,
+                  dtype=self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        for i in range(self.depth):
-            x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                          act=self.act, ln_eps=self.ln_eps, attention_fn=self.attention_fn,
-                          dtype=self.dtype, name=f"encoderblock_{i}")(x, mask, train)
-            out[f"block{i:02d}"] = x
+        if self.scan:
+            def body(blk, carry, mask):
+                y = blk(carry, mask, train)
+                return y, y
+            if policy != "none":
+                body = nn.remat(body, policy=scan_lib.checkpoint_policy(policy), prevent_cse=False)
+            body = nn.scan(body, variable_axes={"params": 0, "intermediates": 0},
+                           split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                           length=self.depth,
+                           metadata_params={nn.PARTITION_NAME: scan_lib.LAYERS_AXIS})
+            x, ys = body(Encoder1DBlock(**kw, name=scan_lib.SCANNED_BLOCK), x, mask)
+            out = {f"block{i:02d}": ys[i] for i in range(self.depth)}
+        else:
+            block_cls = Encoder1DBlock
+            if policy != "none":  # (self, x, mask, train)
+                block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,),
+                                     policy=scan_lib.checkpoint_policy(policy))
+            out = {}
+            for i in range(self.depth):
+                x = block_cls(**kw, name=f"encoderblock_{i}")(x, mask, train)
+                out[f"block{i:02d}"] = x
         x = layer_norm("encoder_norm", self.ln_eps, self.dtype)(x)
         return x, out
 

@@ -1,0 +1,195 @@
+"""Profiling: jax.profiler traces of chosen train steps, and where a program's time went.
+
+``config.profile_steps`` (default ``()``: off) names the train steps to trace,
+as logged (step s is the update that takes ``state.step`` from s - 1 to s):
+ints and "start:stop" strings (stop excluded), e.g. ``(5,)``, ``(5, 6)``,
+``("10:13",)`` = steps 10, 11 and 12; on the command line
+``--config.profile_steps="(5, 6)"``. Each run of consecutive steps from step s
+becomes one trace in ``WORKDIR/profile/step_{s}/plugins/profile/<time>/``
+(process 0 only), ending when the last traced step's results are ready, so it
+holds the device time:
+
+    tensorboard --logdir WORKDIR/profile     # the profile plugin (pip install tensorboard-plugin-profile)
+    # or open the *.trace.json.gz there in https://ui.perfetto.dev
+
+``op_time_table(trace_dir, hlo_text)`` sums an XLA:CPU trace's op events by
+kind (matmul, attention softmax, GELU, LayerNorm, copies, ...); with the
+compiled HLO text (``jax.jit(f).lower(...).compile().as_text()``) each fusion
+is classified by the ops inside it. experiments/cpu_vs_torch.py --profile
+prints these tables.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+from typing import Callable, Iterable
+
+import jax
+
+
+# ------------------------------------------------------------------ profile_steps
+
+def parse_steps(value) -> frozenset[int]:
+  """``config.profile_steps`` -> the set of steps to trace; ValueError naming the field."""
+  if value is None or value == "" or value == ():
+    return frozenset()
+  items = value if isinstance(value, (list, tuple)) else (value,)
+  steps = set()
+  for item in items:
+    if isinstance(item, bool):
+      item = None  # not a step number
+    if isinstance(item, int) and item >= 1:
+      steps.add(item)
+      continue
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", item) if isinstance(item, str) else None
+    if m and 1 <= int(m.group(1)) < int(m.group(2)):
+      steps.update(range(int(m.group(1)), int(m.group(2))))
+      continue
+    if isinstance(item, str) and item.strip().isdigit() and int(item) >= 1:
+      steps.add(int(item))
+      continue
+    raise ValueError(
+        f"config.profile_steps={value!r}: {item!r} is neither a step number >= 1 nor a "
+        "'start:stop' range with 1 <= start < stop; e.g. (5,), (5, 6) or ('10:13',)")
+  return frozenset(steps)
+
+
+class StepProfiler:
+  """Wraps a train step function so that the chosen steps run under ``jax.profiler``.
+
+      prof = StepProfiler(config.get("profile_steps"), workdir, start_step)
+      train_step = prof.wrap(train_step)   # call as before
+      ...
+      prof.close()                         # stops a trace still open (e.g. on an error)
+
+  The n-th call of the wrapped function is step ``start_step + n``.
+  """
+
+  def __init__(self, profile_steps, workdir: str, start_step: int = 0):
+    self.steps = parse_steps(profile_steps)
+    self.dir = os.path.join(workdir, "profile")
+    self.step = start_step
+    self.active = False
+    self.enabled = bool(self.steps) and jax.process_index() == 0
+
+  def wrap(self, fn: Callable) -> Callable:
+    if not self.enabled:
+      return fn
+
+    def traced_step(*args, **kwargs):
+      self.step += 1
+      if self.step in self.steps and not self.active:
+        jax.profiler.start_trace(os.path.join(self.dir, f"step_{self.step}"))
+        self.active = True
+      with jax.profiler.StepTraceAnnotation("train", step_num=self.step):
+        out = fn(*args, **kwargs)
+      if self.active and self.step + 1 not in self.steps:
+        jax.block_until_ready(out)
+        self.close()
+      return out
+
+    return traced_step
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+
+# ------------------------------------------------------------------ where the time went
+
+_SKIP_EVENTS = ("ThunkExecutor", "end: ", "Threadpool", "SlinkyThreadPool")
+
+
+def _hlo_index(text: str):
+  """Compiled HLO text -> ({computation: [instruction lines]}, {instruction: (line, comp)})."""
+  comps, instrs, cur = {}, {}, None
+  for line in text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m:
+      cur = comps.setdefault(m.group(1), [])
+      continue
+    if cur is not None and line.startswith("  "):
+      cur.append(line.strip())
+      m = re.match(r"(?:ROOT )?%?([\w.\-]+) = ", line.strip())
+      if m:
+        instrs[m.group(1)] = line.strip()
+  return comps, instrs
+
+
+def _opcodes(comps, line: str, depth: int = 0) -> set[str]:
+  ops = set(re.findall(r"= \S+? ([a-z][\w\-]*)\(", line))
+  for name in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+    if depth < 4:
+      for inner in comps.get(name, ()):
+        ops |= _opcodes(comps, inner, depth + 1)
+  return ops
+
+
+_KINDS = (  # first match wins
+    ("matmul (dot)", {"dot"}),
+    ("convolution", {"convolution"}),
+    ("softmax (exp)", {"exponential"}),
+    ("GELU (tanh/erf)", {"tanh", "erf"}),
+    ("LayerNorm (rsqrt)", {"rsqrt"}),
+    ("reductions", {"reduce", "reduce-window"}),
+)
+_MOVES = {"copy", "transpose", "bitcast", "parameter", "reshape", "broadcast", "slice",
+          "concatenate", "dynamic-slice", "dynamic-update-slice", "pad", "constant", "tuple",
+          "get-tuple-element", "iota"}
+
+
+def classify(name: str, comps=None, instrs=None) -> str:
+  """Kind of one profiled op, from its HLO (if given) or else its name."""
+  line = (instrs or {}).get(name)
+  if line is None:
+    low = name.lower()
+    for kind, keys in (("matmul (dot)", ("dot", "gemm", "matmul", "ynn", "xnn")),
+                       ("convolution", ("conv",)), ("softmax (exp)", ("exp",)),
+                       ("reductions", ("reduce",)), ("copies / transposes", ("copy", "transpose"))):
+      if any(k in low for k in keys):
+        return kind
+    return "other"
+  ops = _opcodes(comps, line)
+  for kind, keys in _KINDS:
+    if ops & keys:
+      return kind
+  if ops <= _MOVES:
+    return "copies / transposes"
+  return "elementwise"
+
+
+def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str, float, int]]:
+  """(kind, seconds, count) rows, largest first, summed over the XLA threads of the newest
+  trace under ``trace_dir`` (op events only; executor and thread-pool bookkeeping left out)."""
+  from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+  data = ProfileData.from_file(max(files, key=os.path.getmtime))
+  comps, instrs = _hlo_index(hlo_text) if hlo_text else ({}, {})
+  total, count = collections.Counter(), collections.Counter()
+  for plane in data.planes:
+    if not plane.name.startswith("/host:CPU") and not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      if line.name == "python" or "XLA" not in line.name and not plane.name.startswith("/device"):
+        continue
+      for ev in line.events:
+        if ev.name.startswith(_SKIP_EVENTS):
+          continue
+        kind = classify(ev.name, comps, instrs)
+        total[kind] += ev.duration_ns / 1e9
+        count[kind] += 1
+  return [(k, s, count[k]) for k, s in total.most_common()]
+
+
+def format_op_table(rows: Iterable[tuple[str, float, int]]) -> str:
+  rows = list(rows)
+  whole = sum(s for _, s, _ in rows) or 1.0
+  out = [f"  {'kind':<22}{'share':>7}{'seconds':>10}{'ops':>6}"]
+  out += [f"  {k:<22}{s / whole:>7.1%}{s:>10.3f}{n:>6}" for k, s, n in rows]
+  return "\n".join(out)
