@@ -77,12 +77,8 @@ _FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pas
 
 
 def _recipe():
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  path = os.path.join(ROOT, "configs", "siglip_b16.py")
-  spec = importlib.util.spec_from_file_location("recipe_siglip_b16", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from vlm_jax import config_util  # pylint: disable=import-outside-toplevel
+  return config_util.recipe(os.path.join(ROOT, "configs", "siglip_b16.py"))
 
 
 def mesh_spec(name: str, devices: int, tensor: int) -> list[tuple[str, int]]:

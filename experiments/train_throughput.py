@@ -29,7 +29,6 @@ images/s is meaningful.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -63,11 +62,8 @@ def peak_tflops(device_kind: str) -> float | None:
 
 
 def _recipe():
-  path = os.path.join(ROOT, "configs", "siglip_b16.py")
-  spec = importlib.util.spec_from_file_location("recipe_siglip_b16", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from vlm_jax import config_util  # pylint: disable=import-outside-toplevel
+  return config_util.recipe(os.path.join(ROOT, "configs", "siglip_b16.py"))
 
 
 def build_config(args):
