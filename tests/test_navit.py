@@ -127,6 +127,40 @@ def test_jax_nn_xla_attention_equals_the_reference():
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_vit_and_text_towers_take_the_jax_nn_attention_backends():
+    """model.image.attention / model.text.attention also apply to ViT and text towers
+    (unmasked image blocks and MAP head, causal-masked text): embeddings and gradients
+    equal the reference (the cuDNN kernel is checked on a GPU by
+    experiments/attention_check.py)."""
+    def cfg(kind):
+        c = _config(type="vit", attention=kind, pool_type="map")
+        c["text"].update(attention=kind, causal=True)
+        return c
+
+    ref = models.build(cfg("reference"))
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, 258, (2, 8)), jnp.int32)
+    v = nn.meta.unbox(jax.jit(ref.init)(jax.random.key(0), images, tokens))
+
+    def run(model):
+        def loss(v):
+            zi, zt = model.apply(v, images, method="encode_image"), model.apply(
+                v, tokens, method="encode_text")
+            return jnp.sum(zi * zt), (zi, zt)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(v)
+
+    (l0, (zi0, zt0)), g0 = run(ref)
+    model = models.build(cfg("xla"))
+    assert model.image.attention_fn is not None and model.text.attention_fn is not None
+    (l1, (zi1, zt1)), g1 = run(model)
+    np.testing.assert_allclose(zi1, zi0, atol=2e-5)
+    np.testing.assert_allclose(zt1, zt0, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5)
+    with pytest.raises(ValueError, match="model.text.attention.*not one of"):
+        models.build(dict(cfg("reference"), text=dict(cfg("reference")["text"], attention="flash")))
+
+
 def test_cudnn_attention_off_gpu_is_a_clear_error():
     if jax.default_backend() == "gpu":
         pytest.skip("a GPU is present")

@@ -41,6 +41,12 @@ key is an error):
                                           (big_vision's layout; faster compiles). Not with
                                           tome_r. ``models.scan.to_scanned`` / ``to_unrolled``
                                           convert params, and loaders convert as needed
+    model.image.attention      "reference"  attention kernel of the ViT / NaViT blocks:
+                                          "reference" (flax's einsums, float32 softmax) |
+                                          "xla" | "cudnn" (fused flash attention, GPU only,
+                                          bf16/fp16; other calls run xla) | "auto" (cudnn
+                                          on a GPU, else xla):
+                                          jax.nn.dot_product_attention backends
     model.image.stem_depths    (3, 4, 9)  stem "resnet" (hybrid ViT, R50+B/16): ResNet stages
     model.image.tome_r         0          Token Merging (models/tome.py): tokens merged per
                                           block, an int or a per-block tuple; 0 = plain ViT
@@ -74,8 +80,6 @@ key is an error):
     model.image.posemb_coords  "absolute"  "absolute" | "fractional" (factorized posembs)
     model.image.posemb_size    None       learned table side; None -> 64 (factorized) or
                                           image_size // patch_size (naflex grid)
-    model.image.attention      "reference"  "reference" (flax) | "xla" | "cudnn" | "auto"
-                                          (jax.nn.dot_product_attention backends)
     model.image.seq_len        256        tokens per packed sequence (inference default)
     model.image.max_images     16         image slots per sequence (naflex: always 1)
     model.text.variant         "B"        size, see text.decode_text_variant
@@ -90,6 +94,7 @@ key is an error):
     model.text.ln_eps          1e-6
     model.text.remat           False
     model.text.remat_policy    ""         as model.image.remat_policy
+    model.text.attention       "reference"  as model.image.attention
     model.text.scan            False      as model.image.scan (not for a captioner's decoder)
     model.num_classes          None       set: an ImageClassifier (image tower + Dense head,
                                           models/classifier.py) instead of a two-tower; the
@@ -171,7 +176,7 @@ def _defaults() -> dict:
             variant="B", width=None, depth=None, mlp_dim=None, num_heads=None,
             vocab_size=32000, max_len=64, pool_type="last", causal=False, head_bias=True,
             dropout=0.0, act="gelu_tanh", ln_eps=1e-6, remat=False, scan=False,
-            remat_policy=""),
+            remat_policy="", attention="reference"),
         num_classes=None,
         head_init="zeros",
         out_dim=None,
@@ -326,7 +331,9 @@ def resolve_config(model_config) -> dict:
             head_bias=bool(img["head_bias"]), patch_bias=bool(img["patch_bias"]),
             pre_norm=bool(img["pre_norm"]), dropout=float(img["dropout"]), act=img["act"],
             ln_eps=float(img["ln_eps"]), remat=bool(img["remat"]), dtype=dtype,
-            tome_r=_tome_r(img["tome_r"]), **_layer_kwargs(img, "model.image"))
+            tome_r=_tome_r(img["tome_r"]),
+            attention_fn=_attention_fn(img["attention"], "model.image.attention"),
+            **_layer_kwargs(img, "model.image"))
         if image_kw["scan"] and image_kw["tome_r"]:
             raise ValueError("model.image.scan=True cannot run Token Merging (tome_r="
                              f"{img['tome_r']!r}): each block changes the token count, which "
@@ -367,8 +374,22 @@ def _text_kwargs(txt: dict, out_dim, dtype) -> dict:
         pool_type=txt["pool_type"], causal=bool(txt["causal"]), head=out_dim,
         head_bias=bool(txt["head_bias"]), dropout=float(txt["dropout"]), act=txt["act"],
         ln_eps=float(txt["ln_eps"]), remat=bool(txt["remat"]), dtype=dtype,
+        attention_fn=_attention_fn(txt["attention"], "model.text.attention"),
         **_layer_kwargs(txt, "model.text"))
     return text_kw
+
+
+def _attention_fn(kind, path: str):
+    """The ``attention_fn`` of a ViT / text tower for ``model.*.attention`` (None: flax's).
+
+    "reference" keeps the default (``layers.dot_product_attention_f32``); "xla",
+    "cudnn" and "auto" run ``jax.nn.dot_product_attention`` (``navit.attention_fn``).
+    """
+    try:
+        fn = navit.attention_fn(kind)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return None if kind == "reference" else fn
 
 
 def _layer_kwargs(section: dict, path: str) -> dict:

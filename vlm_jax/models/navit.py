@@ -37,7 +37,8 @@ spans the whole table whatever its size.
 Attention backends (``attention``): "reference" (flax dot-product attention,
 float32 softmax, dense mask), "xla" (``jax.nn.dot_product_attention``,
 implementation="xla", same mask), "cudnn" (its cuDNN fused kernel; GPU only,
-a clear error elsewhere) and "auto" (cudnn on GPU, else xla).
+a clear error elsewhere; calls the kernel cannot take, such as float32 inputs or a
+MAP head's single masked query, run "xla") and "auto" (cudnn on a GPU, else xla).
 """
 
 from __future__ import annotations
@@ -62,18 +63,30 @@ PACKED_KEYS = ("patches", "segment_ids", "positions")
 # --------------------------------------------------------------------------- attention
 
 
+def _cudnn_takes(query, key) -> bool:
+    """Whether cuDNN's fused kernel takes these [B, L, H, Dh] inputs (jax's checks):
+    bf16/fp16, head dim a multiple of 8 and <= 128, even query and key lengths."""
+    lq, lk, dh = query.shape[-3], key.shape[-3], query.shape[-1]
+    return (query.dtype in (jnp.bfloat16, jnp.float16) and dh % 8 == 0 and dh <= 128
+            and lq % 2 == 0 and lk % 2 == 0)
+
+
 def _jax_attention(query, key, value, bias=None, mask=None, *, implementation, dtype=None,
                    dropout_rate=0.0, deterministic=True, **_):
     """flax ``attention_fn`` over ``jax.nn.dot_product_attention`` (no attention dropout).
 
     query [B, Lq, H, Dh], key/value [B, Lk, H, Dh], mask broadcastable to
-    [B, H, Lq, Lk] (True = attend). Returns [B, Lq, H, Dh].
+    [B, H, Lq, Lk] (True = attend). Returns [B, Lq, H, Dh]. With "cudnn", a call
+    the kernel cannot take (float32 inputs, a MAP head's single masked query, head
+    dim over 128) runs jax's "xla" kernel instead.
     """
     if dropout_rate > 0.0 and not deterministic:
         raise ValueError("attention dropout is not supported by the jax.nn attention backends")
     if mask is not None:
         mask = jnp.broadcast_to(mask, (query.shape[0], mask.shape[1], query.shape[1], key.shape[1]))
         mask = mask.astype(jnp.bool_)
+    if implementation == "cudnn" and not _cudnn_takes(query, key):
+        implementation = "xla"
     out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
                                        implementation=implementation)
     return out.astype(dtype or query.dtype)
@@ -86,14 +99,14 @@ def attention_fn(kind: str) -> Callable:
     backend is not a GPU.
     """
     if kind not in ATTENTION_TYPES:
-        raise ValueError(f"NaViT attention={kind!r} is not one of {ATTENTION_TYPES}")
+        raise ValueError(f"attention={kind!r} is not one of {ATTENTION_TYPES}")
     if kind == "reference":
         return layers.dot_product_attention_f32
     backend = jax.default_backend()
     if kind == "auto":
         kind = "cudnn" if backend == "gpu" else "xla"
     if kind == "cudnn" and backend != "gpu":
-        raise ValueError(f"model.image.attention='cudnn' needs a GPU, but jax's default backend "
+        raise ValueError(f"attention='cudnn' needs a GPU, but jax's default backend "
                          f"is {backend!r}; use 'xla' (or 'auto', which picks xla here)")
     return functools.partial(_jax_attention, implementation=kind)
 
