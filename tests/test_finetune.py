@@ -141,10 +141,13 @@ def test_lora_dropout_drops_the_branch_input_only_in_training(lora_run):
   batch = parallel.global_batch(next(iter(tasks.get(c).train_dataset(c))), mesh)
   params = jax.tree.map(jnp.asarray, start.params)
 
+  fns = {}
+
   def run(rate, seed):
-    cc = override(copy.deepcopy(c), {"finetune.lora.dropout": rate})
-    fn = jax.jit(tasks.get(cc).make_grad_fn(cc, model, mesh))
-    loss, grads, _, _ = fn(params, {}, batch, jax.random.PRNGKey(seed))
+    if rate not in fns:  # one compile per rate; the seed is an argument
+      cc = override(copy.deepcopy(c), {"finetune.lora.dropout": rate})
+      fns[rate] = jax.jit(tasks.get(cc).make_grad_fn(cc, model, mesh))
+    loss, grads, _, _ = fns[rate](params, {}, batch, jax.random.PRNGKey(seed))
     return float(loss), _flat(grads)
 
   merged_loss, merged = run(0.0, 0)
