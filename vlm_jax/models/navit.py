@@ -38,7 +38,7 @@ Attention backends (``attention``): "reference" (flax dot-product attention,
 float32 softmax, dense mask), "xla" (``jax.nn.dot_product_attention``,
 implementation="xla", same mask), "cudnn" (its cuDNN fused kernel; GPU only,
 a clear error elsewhere; calls the kernel cannot take, such as float32 inputs or a
-MAP head's single masked query, run "xla") and "auto" (cudnn on a GPU, else xla).
+MAP head's single query, run "xla") and "auto" (cudnn on a GPU, else xla).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def _jax_attention(query, key, value, bias=None, mask=None, *, implementation, d
 
     query [B, Lq, H, Dh], key/value [B, Lk, H, Dh], mask broadcastable to
     [B, H, Lq, Lk] (True = attend). Returns [B, Lq, H, Dh]. With "cudnn", a call
-    the kernel cannot take (float32 inputs, a MAP head's single masked query, head
-    dim over 128) runs jax's "xla" kernel instead.
+    the kernel cannot take (float32 inputs, odd lengths such as a MAP head's single
+    query, head dim over 128) runs jax's "xla" kernel instead.
     """
     if dropout_rate > 0.0 and not deterministic:
         raise ValueError("attention dropout is not supported by the jax.nn attention backends")
