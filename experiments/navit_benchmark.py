@@ -12,8 +12,11 @@ aspect ratio varies), patch 16, sequences of 256 tokens. The same NaViT encoder
   packed+drop  packed after dropping 50% of every image's tokens (training only)
 
 It prints the packing fill (share of real tokens), sequences needed, and
-images/s for each, with the ratios. (Host-side patchify/packing cost, old against
-new implementation: experiments/navit_packing.py.) Each way runs in fixed-size batches of
+images/s for each, with the ratios. The patches are packed as uint8 pixels, as the
+training pipeline packs them by default (``navit.patch_dtype``; the model casts
+them exactly); ``--float32`` packs float32 patches instead, as this script did
+before. (Host-side patchify/packing cost, old against new implementation:
+experiments/navit_packing.py.) Each way runs in fixed-size batches of
 ``--batch`` sequences under one jit (compiled before timing).
 """
 
@@ -39,6 +42,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="sequences per forward pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", default="xla")
+    ap.add_argument("--float32", action="store_true", help="pack float32 patches, not uint8")
     args = ap.parse_args()
 
     import flax.linen as nn
@@ -52,8 +56,10 @@ def main():
     rng = np.random.default_rng(0)
     sides = rng.integers(args.min_side, args.max_side + 1, size=(args.num_images, 2))
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sides]
+    dtype = np.float32 if args.float32 else np.uint8
     t0 = time.perf_counter()
-    items = [packing.image_to_item(im, patch_size=args.patch, max_patches=args.seq_len) for im in images]
+    items = [packing.image_to_item(im, patch_size=args.patch, max_patches=args.seq_len, dtype=dtype)
+             for im in images]
     prep_s = time.perf_counter() - t0
     drop_cfg = default_config().token_drop
     drop_cfg.kind, drop_cfg.rate = "constant", 0.5
@@ -62,9 +68,10 @@ def main():
 
     t0 = time.perf_counter()
     ways = {
-        "pad-to-max": packing.pack_items(items, seq_len=args.seq_len, max_images=1),
-        "packed": packing.pack_items(items, seq_len=args.seq_len, max_images=args.max_images),
-        "packed+drop": packing.pack_items(dropped, seq_len=args.seq_len, max_images=args.max_images),
+        "pad-to-max": packing.pack_items(items, seq_len=args.seq_len, max_images=1, dtype=dtype),
+        "packed": packing.pack_items(items, seq_len=args.seq_len, max_images=args.max_images, dtype=dtype),
+        "packed+drop": packing.pack_items(dropped, seq_len=args.seq_len, max_images=args.max_images,
+                                          dtype=dtype),
     }
     pack_s = time.perf_counter() - t0
 
@@ -92,8 +99,9 @@ def main():
           f"{args.num_images} images, sides U[{args.min_side},{args.max_side}] px, patch "
           f"{args.patch}, seq_len {args.seq_len}; NaViT width {args.width} depth {args.depth}; "
           f"attention={args.attention}")
-    print(f"patchify {prep_s:.2f}s, pack (3 ways) {pack_s * 1e3:.0f} ms (one first call: mostly fresh "
-          f"memory for the outputs; experiments/navit_packing.py times packing properly)")
+    print(f"patchify {prep_s:.2f}s, pack (3 ways) {pack_s * 1e3:.0f} ms, {np.dtype(dtype).name} patches "
+          f"(one first call: mostly fresh memory for the outputs; experiments/navit_packing.py "
+          f"times packing properly)")
     results = {}
     for name, batch_np in ways.items():
         chunks = run(batch_np)

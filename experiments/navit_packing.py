@@ -15,18 +15,38 @@ Outputs are checked equal (bit for bit) before timing.
   pack(), no resize needed    the same on images whose sides are already
                               multiples of 16: patchify + pack without PIL's resize
   resize alone (both)         the PIL bilinear resize both versions call: the floor
-  pack_items x3 (bench line)  what navit_benchmark.py times as "pack (3 ways)":
-                              pad-to-max, packed, packed + 50% token drop (drop included)
+  pack_items x3, float32      what navit_benchmark.py timed as "pack (3 ways)" before:
+                              pad-to-max, packed, packed + 50% token drop (drop
+                              included), float32 items and float32 outputs
+  pack_items x3, uint8        the same line as navit_benchmark.py runs it now and the
+                              training pipeline packs by default: uint8 items, uint8
+                              outputs (new only: ``dtype=np.uint8``); old/new is
+                              against the old float32 line
   floor: write x3 outputs     the least any packer does for that line: allocate the
                               three zeroed outputs and write each token row once
+                              (float32; and uint8 for the uint8 line)
   train: read item            per image in the reader threads: resize + patchify +
                               normalise (old: float32 item; new: uint8 item)
   train: drop + pack          per image in the packing thread: 50% token drop +
-                              packing a window of 256 (new: "keep" indices, cast and
-                              normalised as written)
+                              packing a window of 256 (old: float32, normalised
+                              before; new: "keep" indices into uint8 outputs, the
+                              pipeline's default ``navit.patch_dtype = "uint8"``; the
+                              mapping onto pp.value_range then runs on the device,
+                              one fused multiply-add in the train step, not counted)
+  train: drop + pack, f32     the same with ``navit.patch_dtype = "float32"``: cast and
+                              normalised on the host as the tokens are written
   cold: pack_items x3         the first call in a fresh process (``--cold`` runs, each
-                              in its own subprocess): mostly the OS handing out fresh
-                              memory for the ~0.5 GB of outputs, the same for both
+                              in its own subprocess): old float32, new float32 and new
+                              uint8 outputs. Mostly the OS handing out fresh memory
+                              for the outputs (~0.3 GB touched in float32, a quarter
+                              in uint8); on Linux with transparent huge pages in
+                              "madvise" mode numpy's large arrays may also wait for
+                              the kernel to compact memory, which makes these runs
+                              slow and noisy
+
+Outputs are checked equal before timing: bit for bit, and the uint8 outputs equal
+the float32 ones as values (and, mapped by ``packing.to_value_range``, the
+host-normalised training batches bit for bit).
 
 The "old" functions below are a copy of vlm_jax/data/packing.py and the token drop
 of vlm_jax/data/navit_pipeline.py as they were before the change (git a6e8553),
@@ -159,12 +179,16 @@ def _equal(a, b, what):
         raise AssertionError(f"{what}: old and new outputs differ")
 
 
+COLD = ("old", "new float32", "new uint8")
+
+
 def _cold_child(which: str, n: int) -> None:
     """One first call of pack_items x3 in this (fresh) process; prints seconds."""
     rng = np.random.default_rng(0)
     sides = rng.integers(32, 257, size=(n, 2))
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sides]
-    items = [packing.image_to_item(im, patch_size=16, max_patches=256) for im in images]
+    dtype = np.uint8 if which == "new uint8" else np.float32
+    items = [packing.image_to_item(im, patch_size=16, max_patches=256, dtype=dtype) for im in images]
     drop = _dropper()
     keeps = [drop.keep(len(it["patches"]), np.random.default_rng([1, i])) for i, it in enumerate(items)]
     t = time.perf_counter()
@@ -173,10 +197,10 @@ def _cold_child(which: str, n: int) -> None:
         old_pack_items(items, seq_len=256, max_images=16)
         old_pack_items([old_drop(it, k) for it, k in zip(items, keeps)], seq_len=256, max_images=16)
     else:
-        packing.pack_items(items, seq_len=256, max_images=1)
-        packing.pack_items(items, seq_len=256, max_images=16)
+        packing.pack_items(items, seq_len=256, max_images=1, dtype=dtype)
+        packing.pack_items(items, seq_len=256, max_images=16, dtype=dtype)
         packing.pack_items([it if k is None else dict(it, keep=k) for it, k in zip(items, keeps)],
-                           seq_len=256, max_images=16)
+                           seq_len=256, max_images=16, dtype=dtype)
     print(time.perf_counter() - t)
 
 
@@ -190,7 +214,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num_images", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cold", type=int, default=3, help="fresh-process runs per side (0: skip)")
+    ap.add_argument("--cold", type=int, default=5, help="fresh-process runs per kind (0: skip)")
     ap.add_argument("--_cold_child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._cold_child:
@@ -223,15 +247,22 @@ def main():
                 packing.pack_items(f_items, seq_len=L, max_images=M),
                 packing.pack_items(f_keep, seq_len=L, max_images=M)]
 
+    u_bench = [it if k is None else dict(it, keep=k) for it, k in zip(u_items, keeps)]
+
+    def bench3_u8():
+        return [packing.pack_items(u_items, seq_len=L, max_images=1, dtype=np.uint8),
+                packing.pack_items(u_items, seq_len=L, max_images=M, dtype=np.uint8),
+                packing.pack_items(u_bench, seq_len=L, max_images=M, dtype=np.uint8)]
+
     lens3 = [[len(it["patches"]) for it in f_items]] * 2 + [
         [len(it["patches"]) if k is None else len(k) for it, k in zip(f_items, keeps)]]
     bins3 = [packing.pack_lengths(ln, L, m) for ln, m in zip(lens3, (1, M, M))]
 
-    def floor3():  # the least any packer must do: fresh zeroed outputs, every token row written once
+    def floor3(dtype=np.float32):  # the least any packer must do: fresh zeroed outputs, every token row written once
         for bins, lens in zip(bins3, lens3):
-            out = np.zeros((len(bins), L, P * P * 3), np.float32)
+            out = np.zeros((len(bins), L, P * P * 3), dtype)
             for s, b in enumerate(bins):
-                out[s, :sum(lens[i] for i in b)] = 1.0
+                out[s, :sum(lens[i] for i in b)] = 1
 
     def read_old():
         return [preprocess.normalize(old_image_to_item(im, patch_size=P, max_patches=L)["patches"]
@@ -248,6 +279,9 @@ def main():
                       [old_drop(it, k) for it, k in zip(f_norm, keeps)])
 
     def train_new():
+        return window(lambda w: packing.pack_items(w, seq_len=L, max_images=M, dtype=np.uint8), u_keep)
+
+    def train_new_f32():
         return window(lambda w: packing.pack_items(w, seq_len=L, max_images=M, value_range=vr), u_keep)
 
     rows = [
@@ -257,18 +291,25 @@ def main():
          lambda: packing.pack(aligned, patch_size=P, seq_len=L, max_images=M)),
         ("resize alone (both)", None,
          lambda: [packing._resize(im, (g[0] * P, g[1] * P)) for im, g in zip(images, grids)]),
-        ("pack_items x3 (bench line)", bench3_old, bench3_new),
+        ("pack_items x3, float32", bench3_old, bench3_new),
+        ("pack_items x3, uint8", bench3_old, bench3_u8),
         ("floor: write x3 outputs", None, floor3),
+        ("floor: write x3, uint8", None, lambda: floor3(np.uint8)),
         ("train: read item", read_old, read_new),
         ("train: drop + pack", train_old, train_new),
+        ("train: drop + pack, f32", train_old, train_new_f32),
     ]
     # Same outputs (bit for bit) before timing.
     _equal(old_pack(images, patch_size=P, seq_len=L, max_images=M),
            packing.pack(images, patch_size=P, seq_len=L, max_images=M), "pack")
     for a, b in zip(bench3_old(), bench3_new()):
         _equal(a, b, "pack_items")
-    for a, b in zip(train_old(), train_new()):
+    for a, b in zip(bench3_old(), bench3_u8()):
+        _equal(a, dict(b, patches=b["patches"].astype(np.float32)), "pack_items uint8")
+    for a, b, c in zip(train_old(), train_new_f32(), train_new()):
         _equal(a, b, "training packing")
+        c = packing.to_value_range(c, vr)
+        _equal(a, dict(c, patches=np.asarray(c["patches"])), "training packing (uint8, mapped on device)")
     for a, b in zip(read_old(), [preprocess.normalize(p, vr) for p in read_new()]):
         np.testing.assert_array_equal(a, b)
 
@@ -299,16 +340,17 @@ def main():
           f"per image")
 
     if args.cold:
-        cold = {"old": [], "new": []}
+        cold = {k: [] for k in COLD}
         for _ in range(args.cold):
-            for which in ("old", "new"):
+            for which in COLD:
                 cmd = [sys.executable, __file__, f"--num_images={n}", f"--_cold_child={which}"]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 cold[which].append(float(out.stdout.split()[-1]))
-        o, w = (np.median(cold[k]) * 1e3 / n for k in ("old", "new"))
-        print(f"{'cold: pack_items x3':<28} {o:8.3f} {w:8.3f} {o / w:7.1f}x   "
-              f"(first call in a fresh process; runs: old {[round(x, 2) for x in cold['old']]} s, "
-              f"new {[round(x, 2) for x in cold['new']]} s)")
+        o, w32, w8 = (np.median(cold[k]) * 1e3 / n for k in COLD)
+        print(f"cold: pack_items x3, first call in a fresh process, median of {args.cold} "
+              f"(host ms per image): old {o:.3f}, new float32 {w32:.3f} ({o / w32:.1f}x), "
+              f"new uint8 {w8:.3f} ({o / w8:.1f}x)")
+        print("  runs (s): " + "; ".join(f"{k} {[round(x, 3) for x in cold[k]]}" for k in COLD))
 
 
 if __name__ == "__main__":

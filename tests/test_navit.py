@@ -118,6 +118,19 @@ def test_image_array_input_equals_the_packed_image():
     np.testing.assert_allclose(z_arr, z_packed, atol=1e-5)
 
 
+def test_uint8_packed_patches_embed_exactly_as_float32_ones():
+    """The pipeline's uint8 packing: the model casts the pixels exactly, so a uint8
+    pack embeds bit for bit as the float32 pack of the same images."""
+    model, v = _init()
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(37, 53), (20, 9), (9, 70)]]
+    u8 = packing.pack(images, patch_size=P, seq_len=L, max_images=M, dtype=np.uint8)
+    f32 = packing.pack(images, patch_size=P, seq_len=L, max_images=M)
+    z8, z32 = _encoder(model)(v, u8), _encoder(model)(v, f32)
+    assert np.abs(np.asarray(z32)).max() > 0
+    np.testing.assert_array_equal(np.asarray(z8), np.asarray(z32))
+
+
 def test_jax_nn_xla_attention_equals_the_reference():
     model, v = _init()
     fast = models.build(_config(attention="xla"))

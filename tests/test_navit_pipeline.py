@@ -61,6 +61,23 @@ def test_same_seed_same_batches_and_resume_is_exact():
         assert np.array_equal(x["tokens"], y["tokens"])
 
 
+def test_uint8_batches_map_on_device_onto_the_host_normalised_ones():
+    from vlm_jax.data import packing
+
+    c = _config(**{"token_drop.rate": 0.5})
+    b8 = next(iter(navit_pipeline.train_dataset(c)))
+    assert b8["image"]["patches"].dtype == np.uint8                  # the default
+    c.navit.patch_dtype = "float32"
+    b32 = next(iter(navit_pipeline.train_dataset(c)))
+    assert b32["image"]["patches"].dtype == np.float32
+    dev = packing.to_value_range(b8["image"], c.pp.value_range)
+    np.testing.assert_array_equal(np.asarray(dev["patches"]), b32["image"]["patches"])
+    assert np.array_equal(b8["tokens"], b32["tokens"])
+    c.navit.patch_dtype = "float16"
+    with pytest.raises(ValueError, match="navit.patch_dtype must be 'uint8' or 'float32'"):
+        navit_pipeline.train_dataset(c)
+
+
 def _drop_cfg(**kw):
     cfg = navit_pipeline.default_config().token_drop
     cfg.update(kw)

@@ -198,3 +198,42 @@ def test_pack_and_token_dropped_pack_items_equal_a_plain_reference_bit_for_bit()
     _assert_same(packing.pack_items(float_items, seq_len=40, max_images=4), ref)  # float32 + "keep"
     with pytest.raises(ValueError, match="item 0 has float32 patches; value_range needs uint8"):
         packing.pack_items([ref_items[0]], seq_len=40, max_images=4, value_range=(-1.0, 0.5))
+
+
+def test_uint8_packing_keeps_the_pixels_and_maps_onto_the_value_range_on_device():
+    """dtype=uint8: the same packing with the pixels as uint8, and ``to_value_range``
+    (jax) gives the host-normalised float32 batch exactly, padding included."""
+    from vlm_jax.data import navit_pipeline
+
+    images = _images(12, 3, 90, seed=5) + [np.full((300, 20, 3), 250, np.uint8)]
+    kw = dict(patch_size=8, seq_len=40, max_images=4)
+    u8, f32 = packing.pack(images, dtype=np.uint8, **kw), packing.pack(images, **kw)
+    assert u8["patches"].dtype == np.uint8 and f32["patches"].dtype == np.float32
+    for k in f32:
+        assert np.array_equal(u8[k], f32[k]), k                       # same layout, same values
+
+    tower = dict(patch_size=8, seq_len=40, max_side=None)
+    items = [navit_pipeline.patchify_uint8(im, tower) for im in images]
+    rng = np.random.default_rng(3)
+    items = [dict(it, keep=np.sort(rng.choice(len(it["patches"]), max(1, len(it["patches"]) // 2),
+                                              replace=False))) if i % 2 else it
+             for i, it in enumerate(items)]
+    host = packing.pack_items(items, seq_len=40, max_images=4, value_range=(-1.0, 0.5))
+    raw = packing.pack_items(items, seq_len=40, max_images=4, dtype=np.uint8)
+    assert raw["patches"].dtype == np.uint8 and raw["patches"].nbytes * 4 == host["patches"].nbytes
+    dev = packing.to_value_range(raw, (-1.0, 0.5))
+    assert dev["patches"].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(dev["patches"]), host["patches"])
+    for k in ("segment_ids", "positions", "image_index", "grid_sizes"):
+        assert np.array_equal(raw[k], host[k]) and dev[k] is raw[k], k
+    assert packing.to_value_range(host, (-1.0, 0.5)) is host          # float batches pass through
+
+    with pytest.raises(ValueError, match="needs dtype float32, not uint8"):
+        packing.pack_items(items, seq_len=40, max_images=4, value_range=(-1.0, 0.5), dtype=np.uint8)
+    with pytest.raises(ValueError, match="item 0 has float32 patches; dtype uint8 needs uint8"):
+        packing.pack_items([dict(items[0], patches=items[0]["patches"].astype(np.float32))],
+                           seq_len=40, max_images=4, dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"images\[1\] is float64; dtype uint8 needs uint8 images"):
+        packing.pack([images[0], np.zeros((8, 8, 3))], dtype=np.uint8, **kw)
+    with pytest.raises(ValueError, match="float32 or uint8, got dtype int16"):
+        packing.pack(images, dtype=np.int16, **kw)

@@ -8,12 +8,12 @@ Training (``train_dataset``), per process:
       --PackedDataset: read a window of ``navit.window`` images, token-drop each
         (rate per image, see below), first-fit pack into sequences of
         ``model.image.seq_len`` tokens with ``model.image.max_images`` slots,
-        normalising to ``pp.value_range`` as the patches are written-->
+        the patches kept uint8 (``navit.patch_dtype``)-->
       --batch ``batch_size // process_count`` sequences + tokenize each slot's caption
 
 and yields
 
-    {"image": {"patches" float32 [S, L, P*P*3], "segment_ids" int32 [S, L],
+    {"image": {"patches" uint8 [S, L, P*P*3], "segment_ids" int32 [S, L],
                "positions" int32 [S, L, 2], "grid_sizes" int32 [S, M, 2]},
      "tokens": int32 [S, M, max_len]   (all 0 in empty slots),
      "valid": bool [S, M]              (slot holds an image)}
@@ -23,8 +23,13 @@ per step varies with their sizes. Every step is a pure function of the seed and
 the stream position; the iterator state resumes exactly.
 
 Items carry uint8 patches (4x less memory in the prefetch buffer and the packing
-window than float32); the kept tokens of each image are gathered, cast and
-normalised in one pass, straight into the packed sequence.
+window than float32); the kept tokens of each image are gathered in one pass,
+straight into the packed sequence. With ``navit.patch_dtype = "uint8"`` (the
+default) the packed patches stay pixels 0-255: the host writes, buffers and sends
+to the device a quarter of the bytes, and the train step maps them onto
+``pp.value_range`` on the device (``packing.to_value_range``, the same float32
+arithmetic as ``preprocess.normalize``). ``"float32"`` normalises on the host as
+the patches are packed (the same values).
 
 Token dropping happens here, before packing, so the dropped tokens cost no
 compute (NaViT's "continuous token dropping"). It is for training only;
@@ -33,6 +38,8 @@ compute (NaViT's "continuous token dropping"). It is for training only;
 Config (``default_config()``, a recipe's ``config.navit``):
 
     navit.window              256    images packed together (packing buffer)
+    navit.patch_dtype         "uint8" | "float32": packed patches as pixels, mapped onto
+                                     pp.value_range on the device, or normalised on the host
     navit.shapes_sizes        ()     shapes source only: render example i at
                                      shapes_sizes[i % len] pixels (mixed resolutions)
     navit.resolution.kind     "none" | "uniform" | "choice" | "truncnorm": sample the
@@ -80,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The ``config.navit`` fields with their defaults (see the module docstring)."""
     c = ml_collections.ConfigDict()
     c.window = 256
+    c.patch_dtype = "uint8"
     c.shapes_sizes = ()
     c.resolution = ml_collections.ConfigDict(dict(
         kind="none", min_side=64, max_side=256, sides=(), mean=128.0, std=64.0))
@@ -345,10 +353,14 @@ def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1
     value_range = tuple(float(v) for v in config.pp.value_range)
     if not value_range[1] > value_range[0]:
         raise ValueError(f"pp.value_range must be (lo, hi) with hi > lo, got {value_range}")
+    if navit_cfg.patch_dtype not in ("uint8", "float32"):
+        raise ValueError(f"navit.patch_dtype must be 'uint8' or 'float32', got {navit_cfg.patch_dtype!r}")
+    on_device = navit_cfg.patch_dtype == "uint8"
     packed = packing.PackedDataset(
         it_ds, seq_len=tower["seq_len"], max_images=tower["max_images"],
         window=int(navit_cfg.window), slot_keys=("text",), transform=transform,
-        skip=lambda ex: isinstance(ex, Skipped), value_range=value_range)
+        skip=lambda ex: isinstance(ex, Skipped), value_range=None if on_device else value_range,
+        dtype=np.uint8 if on_device else np.float32)
     return NaViTTrainDataset(packed, local, build_tokenizer(config.tokenizer))
 
 

@@ -3,6 +3,7 @@ images into fixed-length token sequences.
 
     batch = pack(images, patch_size=16, seq_len=256, max_images=16)
     batch["patches"]      float32 [S, L, P*P*3]   flattened patches, (row, col, channel) order
+                          (uint8 with ``dtype=np.uint8``: pixels as given, 4x fewer bytes)
     batch["segment_ids"]  int32   [S, L]          0 = padding, k = the image in slot k - 1
     batch["positions"]    int32   [S, L, 2]       (patch row, patch col) in its image's grid
     batch["image_index"]  int32   [S, M]          input index of the image in each slot, -1 = empty
@@ -24,12 +25,19 @@ function of the input: deterministic.
 
 Cost: ``pack`` lays the sequences out from the grid sizes alone, then resizes
 each image (uint8 stays uint8) and cuts it into patches with one strided copy
-straight into its place in the float32 output; positions come from a cache per
+straight into its place in the output; positions come from a cache per
 grid size. What is left per image is PIL's resize and writing the output
 (experiments/navit_packing.py measures both against the previous implementation).
 ``pack_items`` accepts uint8 items, a "keep" index array per item (token dropping
-without a copy) and ``value_range`` (normalise while writing), which is how the
-NaViT training pipeline uses it.
+without a copy) and ``value_range`` (normalise while writing).
+
+``dtype=np.uint8`` (``pack``, ``pack_items``, ``PackedDataset``) keeps uint8 pixels
+uint8 in the packed output: a quarter of the bytes to write, to hold in prefetch
+buffers and to send to the device, where the model casts them to its dtype
+(exactly: 0-255 are exact in bfloat16 too) and ``to_value_range`` maps them onto
+a value range. This is how the NaViT training pipeline packs by default. Writing
+float32 is the larger cost: a fresh float32 output touches four times the fresh
+memory pages, which is most of what a first call spends.
 
 ``PackedDataset`` does the same over a stream (a grain IterDataset): it reads a
 window of ``window`` items, packs them, yields the sequences one by one, then
@@ -50,7 +58,7 @@ from PIL import Image
 
 __all__ = [
     "fit_grid", "resize_image", "patchify", "grid_positions", "image_to_item", "pack_lengths", "pack_items", "pack",
-    "fill_rate", "PackedDataset",
+    "fill_rate", "to_value_range", "PackedDataset",
 ]
 
 
@@ -195,6 +203,8 @@ def pack_lengths(lengths: Sequence[int], seq_len: int, max_images: int,
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     order = np.argsort(-lens, kind="stable") if sort else np.arange(len(lens))
+    if max_images == 1:  # one item per sequence: nothing to search
+        return [[i] for i in order.tolist()]
     room = np.zeros(max(len(lens), 1), np.int64)   # free tokens; 0 once a bin has M items
     count = [0] * len(lens)
     bins: list[list[int]] = []
@@ -210,11 +220,25 @@ def pack_lengths(lengths: Sequence[int], seq_len: int, max_images: int,
     return bins
 
 
-def _empty(num: int, seq_len: int, max_images: int, dim: int) -> dict[str, np.ndarray]:
+_OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8))
+
+
+def _out_dtype(dtype: Any, value_range: Any = None) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in _OUT_DTYPES:
+        raise ValueError(f"packed patches are float32 or uint8, got dtype {dt}")
+    if dt == np.uint8 and value_range is not None:
+        raise ValueError("value_range maps pixels to floats; it needs dtype float32, not uint8 "
+                         "(uint8 patches are mapped on the device: packing.to_value_range)")
+    return dt
+
+
+def _empty(num: int, seq_len: int, max_images: int, dim: int,
+           dtype: Any = np.float32) -> dict[str, np.ndarray]:
     # np.zeros, not np.empty + zeroing the tails: fresh zero pages that are never
     # written (padding) cost nothing, and large outputs are always fresh pages.
     return {
-        "patches": np.zeros((num, seq_len, dim), np.float32),
+        "patches": np.zeros((num, seq_len, dim), dtype),
         "segment_ids": np.zeros((num, seq_len), np.int32),
         "positions": np.zeros((num, seq_len, 2), np.int32),
         "image_index": np.full((num, max_images), -1, np.int32),
@@ -242,7 +266,8 @@ def _write_tokens(dst: np.ndarray, src: np.ndarray, keep: np.ndarray | None,
 
 def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bool = True,
                indices: Sequence[int] | None = None, bins: list[list[int]] | None = None,
-               value_range: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+               value_range: Sequence[float] | None = None,
+               dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Pack patchified items (``image_to_item`` dicts, maybe token-dropped) into sequences.
 
     An item may hold "keep": the indices of the tokens to pack (token dropping
@@ -250,7 +275,8 @@ def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bo
     Patches of any numeric dtype are cast to float32 as they are written; with
     ``value_range=(lo, hi)`` the patches must be uint8 and are mapped from 0-255 to
     [lo, hi] as they are written (float32 ``x * ((hi - lo) / 255) + lo``, exactly
-    ``preprocess.normalize``); padding stays 0.
+    ``preprocess.normalize``); padding stays 0. ``dtype=np.uint8`` writes uint8
+    patches instead (uint8 items only, no ``value_range``; see ``to_value_range``).
     ``indices[i]`` is recorded in ``image_index`` for item i (default i).
     ``bins`` (from ``pack_lengths``) may be given to reuse a packing.
     Returns the dict described in the module docstring (S = number of sequences).
@@ -259,16 +285,17 @@ def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bo
         raise ValueError("pack needs at least one image")
     dim = int(items[0]["patches"].shape[-1])
     keeps = [it.get("keep") for it in items]
+    lens = [len(it["patches"]) if k is None else len(k) for it, k in zip(items, keeps)]
     if bins is None:
-        bins = pack_lengths([len(it["patches"]) if k is None else len(k) for it, k in zip(items, keeps)],
-                            seq_len, max_images, sort)
+        bins = pack_lengths(lens, seq_len, max_images, sort)
+    out_dtype = _out_dtype(dtype, value_range)
     scale = lo = None
     if value_range is not None:
         lo_f, hi_f = (float(v) for v in value_range)
         if not hi_f > lo_f:
             raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
         scale, lo = np.float32((hi_f - lo_f) / 255.0), np.float32(lo_f)
-    out = _empty(len(bins), seq_len, max_images, dim)
+    out = _empty(len(bins), seq_len, max_images, dim, out_dtype)
     patches, positions, segments = out["patches"], out["positions"], out["segment_ids"]
     for s, members in enumerate(bins):
         pos = 0
@@ -276,7 +303,9 @@ def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bo
             src, src_pos, keep = items[i]["patches"], items[i]["positions"], keeps[i]
             if src.shape[-1] != dim:
                 raise ValueError(f"item {i} has patch dim {src.shape[-1]}, expected {dim}")
-            n = len(src) if keep is None else len(keep)
+            if out_dtype == np.uint8 and src.dtype != np.uint8:
+                raise ValueError(f"item {i} has {src.dtype} patches; dtype uint8 needs uint8 patches")
+            n = lens[i]
             _write_tokens(patches[s, pos:pos + n], src, keep, scale, lo, i)
             if keep is not None:
                 src_pos = src_pos[keep]
@@ -290,7 +319,8 @@ def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bo
 
 
 def pack(images: Sequence[Any], *, patch_size: int, seq_len: int, max_images: int,
-         max_side: int | None = None, sort: bool = True) -> dict[str, np.ndarray]:
+         max_side: int | None = None, sort: bool = True,
+         dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Patchify and pack images of any sizes (see the module docstring).
 
     Only the grid sizes are needed to pack, so the sequences are laid out first and
@@ -306,18 +336,25 @@ def pack(images: Sequence[Any], *, patch_size: int, seq_len: int, max_images: in
       max_side: optional cap on patches per grid side (e.g. the size of a
         learned position table).
       sort: first-fit decreasing (default) or first-fit in input order.
+      dtype: of the patches: float32, or uint8 (uint8 images only; the pixels as
+        given, a quarter of the bytes; the model casts them exactly).
     Returns:
-      dict of numpy arrays: patches float32 [S, L, P*P*3], segment_ids int32
+      dict of numpy arrays: patches ``dtype`` [S, L, P*P*3], segment_ids int32
       [S, L], positions int32 [S, L, 2], image_index int32 [S, M] (input index,
       -1 empty), grid_sizes int32 [S, M, 2]. Every input image is in exactly one slot.
     """
     if len(images) == 0:
         raise ValueError("pack needs at least one image")
+    out_dtype = _out_dtype(dtype)
     arrays = [_check_image(im, f"images[{i}]") for i, im in enumerate(images)]
+    if out_dtype == np.uint8:
+        bad = next((i for i, a in enumerate(arrays) if a.dtype != np.uint8), None)
+        if bad is not None:
+            raise ValueError(f"images[{bad}] is {arrays[bad].dtype}; dtype uint8 needs uint8 images")
     grids = [fit_grid(a.shape[0], a.shape[1], patch_size, seq_len, max_side) for a in arrays]
     bins = pack_lengths([gh * gw for gh, gw in grids], seq_len, max_images, sort)
     p = patch_size
-    out = _empty(len(bins), seq_len, max_images, p * p * 3)
+    out = _empty(len(bins), seq_len, max_images, p * p * 3, out_dtype)
     patches, positions, segments = out["patches"], out["positions"], out["segment_ids"]
     for s, members in enumerate(bins):
         pos = 0
@@ -336,6 +373,27 @@ def pack(images: Sequence[Any], *, patch_size: int, seq_len: int, max_images: in
 def fill_rate(batch: dict[str, np.ndarray]) -> float:
     """Fraction of the S x L token slots that hold image tokens (not padding)."""
     return float(np.mean(batch["segment_ids"] > 0))
+
+
+def to_value_range(batch: dict, value_range: Sequence[float]) -> dict:
+    """A packed batch whose uint8 patches are mapped onto ``value_range`` (jax, on device).
+
+    ``float32 x * ((hi - lo) / 255) + lo``, the arithmetic of ``preprocess.normalize``
+    and of ``pack_items(value_range=...)``, with padding tokens kept at 0 (as the
+    host-normalised packing leaves them). Batches whose patches are not uint8 are
+    returned as they are, so a train step can call it on either kind.
+    """
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    patches = batch["patches"]
+    if patches.dtype != jnp.uint8:
+        return batch
+    lo_f, hi_f = (float(v) for v in value_range)
+    if not hi_f > lo_f:
+        raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
+    scale, lo = np.float32((hi_f - lo_f) / 255.0), np.float32(lo_f)
+    x = patches.astype(jnp.float32) * scale + lo
+    x = jnp.where((jnp.asarray(batch["segment_ids"]) > 0)[..., None], x, jnp.float32(0))
+    return dict(batch, patches=x)
 
 
 # --------------------------------------------------------------------------- streams
@@ -393,7 +451,7 @@ class PackedIterator(grain.DatasetIterator):
             raise StopIteration
         index = list(range(self._items_before, self._items_before + len(items)))
         batch = pack_items(items, seq_len=ds.seq_len, max_images=ds.max_images, sort=ds.sort,
-                           indices=index, value_range=ds.value_range)
+                           indices=index, value_range=ds.value_range, dtype=ds.dtype)
         seqs = []
         for s in range(batch["segment_ids"].shape[0]):
             seq = {k: v[s] for k, v in batch.items()}
@@ -450,12 +508,14 @@ class PackedDataset(grain.IterDataset):
       sort: first-fit decreasing within a window (default) or input order.
       value_range: optional (lo, hi): items hold uint8 patches, mapped onto [lo, hi]
         as they are packed (``pack_items``).
+      dtype: of the packed patches, float32 or uint8 (uint8 items, no value_range).
     """
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_images: int,
                  window: int = 256, slot_keys: Iterable[str] = (),
                  transform: Callable | None = None, skip: Callable | None = None,
-                 sort: bool = True, value_range: Sequence[float] | None = None):
+                 sort: bool = True, value_range: Sequence[float] | None = None,
+                 dtype: Any = np.float32):
         super().__init__(parent)
         if window < 1:
             raise ValueError(f"packing window must be >= 1, got {window}")
@@ -463,6 +523,7 @@ class PackedDataset(grain.IterDataset):
         self.slot_keys = tuple(slot_keys)
         self.transform, self.skip, self.sort = transform, skip, sort
         self.value_range = None if value_range is None else tuple(float(v) for v in value_range)
+        self.dtype = _out_dtype(dtype, self.value_range)
 
     def __iter__(self) -> PackedIterator:
         return PackedIterator(self._parent.__iter__(), self)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import finetune, losses, parallel
+from vlm_jax.data import packing
 from vlm_jax.tasks import common
 
 NAME = "contrastive"
@@ -70,7 +71,8 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
 
   NaViT (``is_packed(config)``): ``batch`` is {"image": packed dict [S, ...],
   "tokens": int32 [S, M, L], "valid": bool [S, M]} (``data.navit_pipeline``);
-  the model flattens the S x M slots and the loss ignores empty ones (the
+  uint8 patches are mapped onto ``pp.value_range`` here, on the device
+  (``packing.to_value_range``); the model flattens the S x M slots and the loss ignores empty ones (the
   model's ``img/valid``); metrics add "train/num_images". grad_accum_steps must be 1.
 
   With ``config.grad_accum_steps = M > 1`` the batch is split into M
@@ -99,6 +101,8 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   lora_dropout = finetune.interceptor(config)  # None unless finetune.lora.dropout > 0
 
   def embed_raw(params, model_state, images, tokens, key):
+    if packed:
+      images = packing.to_value_range(images, config.pp.value_range)
     (zimg, ztxt, out), model_state = common.apply_train(
         model, view(params), model_state, images, tokens, rng=key, intercept=lora_dropout)
     valid = out["img/valid"] if packed else jnp.zeros((), bool)
