@@ -1,5 +1,6 @@
 """Loads recipes from configs/ the way ``--config configs/NAME.py:ARG`` does; the
-environment for programs that tests start as a user would (``subprocess_env``)."""
+environment for programs that tests start as a user would (``subprocess_env``); one
+small trained run shared by the modules that only need a checkpoint (``shared_run``)."""
 import atexit
 import importlib.util
 import os
@@ -92,3 +93,34 @@ def spy_safetensors_reads(monkeypatch) -> list[str]:
 
   monkeypatch.setattr(safetensors, "safe_open", Spy)
   return read
+
+
+def shared_run(tmp_path_factory, name: str) -> str:
+  """A copy, for the caller to write into, of one small training run shared by test
+  modules: configs/siglip_shapes.py:runlocal trained in-process for 6 steps (lr 3e-3),
+  evaluated (zero-shot + retrieval) and checkpointed at steps 3 and 6.
+
+  The first module to ask trains it, under a file lock in the session's base temp
+  directory (shared by the pytest-xdist workers of one session); the others wait
+  for it and copy it.
+  """
+  import fcntl  # pylint: disable=import-outside-toplevel
+  from vlm_jax import train  # pylint: disable=import-outside-toplevel
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  src = os.path.join(base, "shared_siglip_shapes_run")
+  done = src + ".done"
+  with open(src + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(done):
+      shutil.rmtree(src, ignore_errors=True)
+      c = get_config("siglip_shapes", "runlocal")
+      c.data.num_threads = 0
+      c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 6, 3, 3, 0
+      c.optimizer.lr = 3e-3
+      train.train_and_evaluate(c, src)
+      open(done, "w").close()
+  dest = os.path.join(tmp_path_factory.mktemp(name), "run")
+  shutil.copytree(src, dest)
+  return dest

@@ -5,20 +5,14 @@ import os
 import jax
 import pytest
 
-from recipes import ROOT, get_config
-from vlm_jax import evaluate, models, train
+from recipes import ROOT, get_config, shared_run
+from vlm_jax import evaluate, models
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A runlocal run of 6 steps, evaluated (zero-shot + retrieval) at steps 3 and 6."""
-  workdir = str(tmp_path_factory.mktemp("eval") / "run")
-  c = get_config("siglip_shapes", "runlocal")
-  c.data.num_threads = 0
-  c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 6, 3, 3, 0
-  c.optimizer.lr = 3e-3
-  train.train_and_evaluate(c, workdir)
-  return workdir
+  return shared_run(tmp_path_factory, "eval")
 
 
 def _logged(workdir, step):

@@ -33,16 +33,19 @@ def test_uint8_batches_train_exactly_as_host_normalised_ones():
   from vlm_jax.tasks import contrastive
 
   c = get_config("navit_b16", "runlocal")
-  c.batch_size = 2
+  c.batch_size, c.navit.window, c.model.image.depth = 2, 16, 1
   batches = {}
   for dtype in ("uint8", "float32"):
     c.navit.patch_dtype = dtype
     batches[dtype] = next(iter(navit_pipeline.train_dataset(c)))
   assert batches["uint8"]["image"]["patches"].dtype == np.uint8
-  model, variables = models.init(c, jax.random.PRNGKey(0))
+  model = models.build(c.model)
+  rng = np.random.default_rng(0)   # random parameters of the right shapes (no init compile)
+  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                        models.abstract_variables(model, c)["params"])
   mesh = parallel.make_mesh([("data", 1)], devices=jax.devices()[:1])
   grad_fn = jax.jit(contrastive.make_grad_fn(c, model, mesh))
-  out = {k: grad_fn(variables["params"], {}, b, jax.random.PRNGKey(1)) for k, b in batches.items()}
+  out = {k: grad_fn(params, {}, b, jax.random.PRNGKey(1)) for k, b in batches.items()}
   (loss8, grads8, *_), (loss32, grads32, *_) = out["uint8"], out["float32"]
   assert np.isfinite(float(loss32))
   np.testing.assert_allclose(float(loss8), float(loss32), rtol=1e-6)
@@ -50,4 +53,4 @@ def test_uint8_batches_train_exactly_as_host_normalised_ones():
   # Without the mapping the model would see pixels 0-255: another loss.
   raw = dict(batches["float32"], image=dict(batches["float32"]["image"],
                                             patches=batches["uint8"]["image"]["patches"].astype(np.float32)))
-  assert abs(float(grad_fn(variables["params"], {}, raw, jax.random.PRNGKey(1))[0]) - float(loss32)) > 1e-3
+  assert abs(float(grad_fn(params, {}, raw, jax.random.PRNGKey(1))[0]) - float(loss32)) > 1e-3

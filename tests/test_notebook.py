@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from recipes import ROOT, get_config, subprocess_env
-from vlm_jax import train
+from recipes import ROOT, shared_run, subprocess_env
 
 EVAL_NOTEBOOK = os.path.join(ROOT, "experiments", "eval_checkpoint.ipynb")
 TOKENIZER_NOTEBOOK = os.path.join(ROOT, "experiments", "tokenizer_demo.ipynb")
@@ -23,15 +22,10 @@ def _kernelspec(jupyter_dir, env):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """The runlocal shapes demo trained for 3 steps in-process, shared by the notebooks."""
+  """The runlocal shapes demo trained for 6 steps (``recipes.shared_run``)."""
   pytest.importorskip("nbformat")
   pytest.importorskip("nbclient")
-  path = str(tmp_path_factory.mktemp("notebook") / "run")
-  c = get_config("siglip_shapes", "runlocal")
-  c.data.num_threads = 0
-  c.total_steps, c.checkpoint_every, c.eval_every, c.log_every = 3, 3, 0, 0
-  train.train_and_evaluate(c, path)
-  return path
+  return shared_run(tmp_path_factory, "notebook")
 
 
 def _execute(notebook, workdir, tmp_path, monkeypatch):
@@ -65,7 +59,7 @@ def _pngs(outputs):
 def test_eval_notebook_runs_on_a_checkpoint(workdir, tmp_path, monkeypatch):
   outputs, text, out_dir = _execute(EVAL_NOTEBOOK, workdir, tmp_path, monkeypatch)
   assert f"python {sys.executable}," in text
-  assert "step 3," in text and "zero-shot top-1 on these 8 images" in text
+  assert "step 6," in text and "zero-shot top-1 on these 8 images" in text
   assert text.count("predicted ") == 8
   assert "zeroshot/top1" in text and "retrieval/i2t_r1" in text
   assert len(_pngs(outputs)) == 2
@@ -77,7 +71,7 @@ def test_tokenizer_notebook_patchifies_packs_and_explains(workdir, tmp_path, mon
   # A 64 x 64 image in 8-pixel patches: 64 tokens of 8*8*3 values.
   assert "grid (8, 8) -> tokens (64, 192), positions (64, 2)" in text
   assert "segment_ids  int32 (" in text and "fill rate " in text
-  assert "step 3, image tower pool 'map'" in text
+  assert "step 6, image tower pool 'map'" in text
   assert text.count("rollout (4, 4), similarity (4, 4)") == 3  # runlocal: 32 px / stride 8
   assert len(_pngs(outputs)) == 3
   assert sorted(os.listdir(out_dir)) == ["attention_maps.png", "packing.png", "patchify.png"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recipes import get_config
-from vlm_jax import checkpoint, inference, predict, search, train
+from recipes import shared_run
+from vlm_jax import checkpoint, inference, predict, search
 from vlm_jax.data import tokenizers
 from vlm_jax.numeric import normalize
 
@@ -16,14 +16,8 @@ LABELS = ["red circle", "blue square", "a green triangle"]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  """The demo's runlocal SigLIP, trained 2 steps (a checkpoint at step 2)."""
-  workdir = str(tmp_path_factory.mktemp("predict") / "run")
-  c = get_config("siglip_shapes", "runlocal")
-  c.data.num_threads = 0
-  c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 0, 2, 0
-  c.optimizer.warmup_steps = 1
-  train.train_and_evaluate(c, workdir)
-  return workdir
+  """The demo's runlocal SigLIP, trained 6 steps (``recipes.shared_run``)."""
+  return shared_run(tmp_path_factory, "predict")
 
 
 def _image(seed, size=(40, 28)):
@@ -182,7 +176,7 @@ def test_index_resumes_and_query_finds_the_image_itself(run_dir, folder, tmp_pat
   assert "broken.png" in capsys.readouterr().err
   emb, paths, manifest = search.load_embeddings(index)
   assert sorted(paths) == sorted(good) and emb.shape == (len(good), manifest["dim"])
-  assert manifest["step"] == 2 and manifest["workdir"] == os.path.abspath(run_dir)
+  assert manifest["step"] == 6 and manifest["workdir"] == os.path.abspath(run_dir)
   # Nothing new: nothing encoded.
   encoded.clear()
   assert search.cli(["search", "index", "--images", folder, "--index", index])["added"] == 0
