@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import finetune, losses, parallel
-from vlm_jax.data import packing
 from vlm_jax.tasks import common
 
 NAME = "contrastive"
@@ -101,7 +100,8 @@ def make_grad_fn(config, model, mesh, param_shardings=None):
   lora_dropout = finetune.interceptor(config)  # None unless finetune.lora.dropout > 0
 
   def embed_raw(params, model_state, images, tokens, key):
-    if packed:
+    if packed:  # uint8 pixels -> pp.value_range, here on the device
+      from vlm_jax.data import packing  # pylint: disable=import-outside-toplevel
       images = packing.to_value_range(images, config.pp.value_range)
     (zimg, ztxt, out), model_state = common.apply_train(
         model, view(params), model_state, images, tokens, rng=key, intercept=lora_dropout)
