@@ -351,8 +351,7 @@ def train_dataset(config: Any, *, process_index: int = 0, process_count: int = 1
         return item if keep is None else dict(item, keep=keep)
 
     value_range = tuple(float(v) for v in config.pp.value_range)
-    if not value_range[1] > value_range[0]:
-        raise ValueError(f"pp.value_range must be (lo, hi) with hi > lo, got {value_range}")
+    preprocess.pixel_affine(value_range)  # a bad range fails here, not in the train step
     if navit_cfg.patch_dtype not in ("uint8", "float32"):
         raise ValueError(f"navit.patch_dtype must be 'uint8' or 'float32', got {navit_cfg.patch_dtype!r}")
     on_device = navit_cfg.patch_dtype == "uint8"

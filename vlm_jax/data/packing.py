@@ -56,6 +56,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vlm_jax.data import preprocess
+
 __all__ = [
     "fit_grid", "resize_image", "patchify", "grid_positions", "image_to_item", "pack_lengths", "pack_items", "pack",
     "fill_rate", "to_value_range", "PackedDataset",
@@ -289,12 +291,7 @@ def pack_items(items: Sequence[dict], *, seq_len: int, max_images: int, sort: bo
     if bins is None:
         bins = pack_lengths(lens, seq_len, max_images, sort)
     out_dtype = _out_dtype(dtype, value_range)
-    scale = lo = None
-    if value_range is not None:
-        lo_f, hi_f = (float(v) for v in value_range)
-        if not hi_f > lo_f:
-            raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
-        scale, lo = np.float32((hi_f - lo_f) / 255.0), np.float32(lo_f)
+    scale, lo = (None, None) if value_range is None else preprocess.pixel_affine(value_range)
     out = _empty(len(bins), seq_len, max_images, dim, out_dtype)
     patches, positions, segments = out["patches"], out["positions"], out["segment_ids"]
     for s, members in enumerate(bins):
@@ -387,10 +384,7 @@ def to_value_range(batch: dict, value_range: Sequence[float]) -> dict:
     patches = batch["patches"]
     if patches.dtype != jnp.uint8:
         return batch
-    lo_f, hi_f = (float(v) for v in value_range)
-    if not hi_f > lo_f:
-        raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
-    scale, lo = np.float32((hi_f - lo_f) / 255.0), np.float32(lo_f)
+    scale, lo = preprocess.pixel_affine(value_range)
     x = patches.astype(jnp.float32) * scale + lo
     x = jnp.where((jnp.asarray(batch["segment_ids"]) > 0)[..., None], x, jnp.float32(0))
     return dict(batch, patches=x)

@@ -242,10 +242,7 @@ class _Chunk:
     without another), with the same float32 arithmetic as ``preprocess.normalize``."""
 
     def __init__(self, value_range: Any):
-        lo, hi = (float(v) for v in value_range)
-        if not hi > lo:
-            raise ValueError(f"pp.value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
-        self.lo, self.scale = np.float32(lo), np.float32((hi - lo) / 255.0)
+        self.scale, self.lo = preprocess.pixel_affine(value_range)
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
         from grain.multiprocessing import SharedMemoryArray  # pylint: disable=import-outside-toplevel

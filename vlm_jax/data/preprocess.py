@@ -351,12 +351,19 @@ def resize_crop(
     raise ValueError(f"pp.crop must be one of {CROP_MODES}, got {mode!r}")
 
 
-def normalize(image: np.ndarray, value_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
-    """uint8 [..., 3] in 0-255 -> float32 linearly mapped onto ``value_range`` (lo, hi)."""
+def pixel_affine(value_range: Sequence[float]) -> tuple[np.float32, np.float32]:
+    """(scale, lo) in float32 with ``x * scale + lo`` mapping pixels 0-255 onto
+    ``value_range`` (lo, hi): the one arithmetic of every normalisation here."""
     lo, hi = (float(v) for v in value_range)
     if not hi > lo:
         raise ValueError(f"pp.value_range must be (lo, hi) with hi > lo, got {tuple(value_range)}")
-    return image.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+    return np.float32((hi - lo) / 255.0), np.float32(lo)
+
+
+def normalize(image: np.ndarray, value_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
+    """uint8 [..., 3] in 0-255 -> float32 linearly mapped onto ``value_range`` (lo, hi)."""
+    scale, lo = pixel_affine(value_range)
+    return image.astype(np.float32) * scale + lo
 
 
 def _fast_crop(image: Any, hw: tuple[int, int], mode: str, rng: np.random.Generator | None,
