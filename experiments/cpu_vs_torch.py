@@ -45,6 +45,7 @@ for torch, against torch's own matmul rate as well).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import functools
 import os
@@ -190,6 +191,99 @@ def model_flops(params, config, batch: int) -> tuple[float, float]:
   return float(infer) * batch, train
 
 
+# ------------------------------------------------------------------ torch side
+
+def torch_worker(conn, hf_dir: str, variant: str, image_size: int, threads: int, opt: dict,
+                 malloc: str, pixels, tokens) -> None:
+  """One torch process: transformers inference and open_clip training on ``hf_dir``'s weights.
+
+  Answers ``conn`` commands ("infer", "train", "mm", "embeddings", "stop") with
+  (seconds, result); times are taken here, around the call alone.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import open_clip  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ROOT)
+  from vlm_jax import cpu_runtime  # pylint: disable=import-outside-toplevel
+  if malloc == "tuned":
+    cpu_runtime.keep_freed_memory()
+  torch.set_num_threads(threads)
+  hf_model = transformers.SiglipModel.from_pretrained(hf_dir).eval()
+  oc_model = open_clip_model(hf_model, variant, image_size)
+  px_t, tok_t = torch.from_numpy(pixels), torch.from_numpy(tokens)
+  decay = [p for n, p in oc_model.named_parameters() if n.endswith(".weight") and p.ndim >= 2]
+  rest = [p for n, p in oc_model.named_parameters() if not (n.endswith(".weight") and p.ndim >= 2)]
+  optim = torch.optim.AdamW([{"params": decay, "weight_decay": opt["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=opt["lr"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
+  siglip_loss = open_clip.loss.SigLipLoss()
+  oc_model.train()
+  a = torch.from_numpy(np.random.RandomState(1).randn(2048, 2048).astype(np.float32))
+
+  def infer():
+    with torch.inference_mode():
+      out = hf_model.get_image_features(pixel_values=px_t)
+    return getattr(out, "pooler_output", out)
+
+  def train():
+    out = oc_model(px_t, tok_t)
+    loss = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                       out["logit_bias"])
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(oc_model.parameters(), opt["grad_clip_norm"])
+    optim.step()
+    return loss.item(), norm.item()
+
+  def mm():
+    return min(timed(lambda: torch.mm(a, a)) for _ in range(3)), None
+
+  conn.send(("ready", torch.__version__, transformers.__version__, open_clip.__version__,
+             hf_model.config._attn_implementation))  # pylint: disable=protected-access
+  while True:
+    cmd = conn.recv()
+    if cmd == "stop":
+      return
+    if cmd == "embeddings":
+      conn.send((0.0, infer().numpy()))
+    elif cmd == "mm":
+      conn.send(mm())
+    else:
+      fn = infer if cmd == "infer" else train
+      t0 = time.perf_counter()
+      out = fn()
+      conn.send((time.perf_counter() - t0, None if cmd == "infer" else out))
+
+
+def timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+class TorchSide:
+  """A ``torch_worker`` child process (spawned, so no jax state or thread pool is shared)."""
+
+  def __init__(self, malloc: str, *args):
+    import multiprocessing  # pylint: disable=import-outside-toplevel
+    ctx = multiprocessing.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=torch_worker, args=(child, *args[:5], malloc, *args[5:]),
+                            daemon=True)
+    self.proc.start()
+    self.malloc = malloc
+    self.info = self.conn.recv()[1:]
+
+  def __call__(self, cmd: str):
+    self.conn.send(cmd)
+    return self.conn.recv()
+
+  def close(self):
+    self.conn.send("stop")
+    self.proc.join(60)
+
+
 # ------------------------------------------------------------------ run
 
 def main() -> None:
@@ -205,6 +299,13 @@ def main() -> None:
   parser.add_argument("--attention", default="default", choices=["default", "flax"],
                       help="flax: our attention as before issue 12 (flax's nn.dot_product_attention, "
                       "heads after the sequence), to measure the change")
+  parser.add_argument("--torch_malloc", default="both", choices=["both", "default", "tuned"],
+                      help="the torch processes' allocator: glibc's defaults (as open_clip and "
+                      "transformers run), vlm_jax's settings (cpu_runtime.keep_freed_memory), "
+                      "or one process of each (default)")
+  parser.add_argument("--no_tune_cpu", action="store_true", help="leave out vlm_jax.cpu_runtime."
+                      "tune() (synchronous dispatch and glibc's heap kept, which the train "
+                      "program applies on CPU hosts), to measure it")
   parser.add_argument("--profile", default="", help="directory: write jax.profiler traces of "
                       "one inference batch and one train step, the compiled HLO, and print "
                       "where the time went (vlm_jax.profiling.op_time_table)")
@@ -213,14 +314,14 @@ def main() -> None:
     parser.error("--steps must be >= 1")
   cores = pin_threads(args.threads)
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-
   sys.path.insert(0, ROOT)
+  from vlm_jax import cpu_runtime  # pylint: disable=import-outside-toplevel
+  tuned = [] if args.no_tune_cpu else cpu_runtime.tune()  # as `python -m vlm_jax.train` does
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from vlm_jax import config_util, optim, parallel, profiling, tasks  # pylint: disable=import-outside-toplevel
   from vlm_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   from vlm_jax.interop import hf  # pylint: disable=import-outside-toplevel
@@ -230,56 +331,58 @@ def main() -> None:
     from vlm_jax.models import layers  # pylint: disable=import-outside-toplevel
     layers.dot_product_attention_f32 = functools.partial(nn.dot_product_attention,
                                                          force_fp32_for_softmax=True)
-  torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   b, size = args.batch, args.image_size
-  print(f"SigLIP {args.variant} (text tower of the same width), {size} px, batch {b}, float32, "
-        f"{args.threads} threads (cores {cores} of {os.cpu_count()})")
-  print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, open_clip {open_clip.__version__}")
-  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"vlm_jax attention: {args.attention}")
-
-  # --- one set of weights in all three frameworks
-  hf_model = transformers.SiglipModel(hf_config(args.variant, size)).eval()
-  print(f"transformers attention: {hf_model.config._attn_implementation}")  # pylint: disable=protected-access
-  with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
-    hf_model.save_pretrained(d)
-    model, variables = hf.load(d)
-  oc_model = open_clip_model(hf_model, args.variant, size)
-
   rs = np.random.RandomState(0)
   pixels = rs.uniform(-1, 1, (b, 3, size, size)).astype(np.float32)
   tokens = rs.randint(1, 32000, (b, 64)).astype(np.int64)   # no padding: every tower sees all
-  px_t, tok_t = torch.from_numpy(pixels), torch.from_numpy(tokens)
+  config = config_util.recipe(os.path.join(ROOT, "configs", "siglip_b16.py"))
+  config.unlock()
+  oc = config.optimizer
+  opt = {k: float(oc[k]) for k in ("weight_decay", "lr", "b1", "b2", "eps", "grad_clip_norm")}
+
+  # --- one set of weights: transformers' own init, read by vlm_jax and by the torch processes
+  mallocs = ["default", "tuned"] if args.torch_malloc == "both" else [args.torch_malloc]
+  with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+    hf_model = transformers.SiglipModel(hf_config(args.variant, size))
+    hf_model.save_pretrained(d)
+    hf_cfg = hf_model.config.to_dict()
+    del hf_model
+    model, variables = hf.load(d)
+    sides = [TorchSide(m, d, args.variant, size, args.threads, opt, pixels, tokens)
+             for m in mallocs]
+  torch_v, tf_v, oc_v, attn = sides[0].info
+  print(f"SigLIP {args.variant} (text tower of the same width), {size} px, batch {b}, float32, "
+        f"{args.threads} threads (cores {cores} of {os.cpu_count()})")
+  print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch_v}, "
+        f"transformers {tf_v}, open_clip {oc_v}")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"vlm_jax attention: {args.attention}; transformers attention: {attn}")
+  print(f"vlm_jax process: {', '.join(tuned) or 'no CPU host settings'} "
+        "(vlm_jax.cpu_runtime.tune, as the train program applies them)")
+  print("torch processes (one each, its own allocator): " + ", ".join(
+      {"default": "glibc defaults", "tuned": "vlm_jax's malloc settings"}[m] for m in mallocs))
+
   px_j = jnp.asarray(pixels.transpose(0, 2, 3, 1))
   batch_j = {"image": px_j, "tokens": jnp.asarray(tokens, jnp.int32)}
 
-  # --- (a) inference functions
-  def torch_infer():
-    with torch.inference_mode():
-      out = hf_model.get_image_features(pixel_values=px_t)
-    return getattr(out, "pooler_output", out)
-
+  # --- (a) inference
   infer = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
   infer_c = infer.lower(variables["params"], px_j).compile()
 
   def jax_infer():
     return jax.block_until_ready(infer_c(variables["params"], px_j))
 
-  ref, ours = torch_infer().numpy(), np.asarray(jax_infer())
+  ref, ours = sides[0]("embeddings")[1], np.asarray(jax_infer())
   rel = float(np.max(np.linalg.norm(ours - ref, axis=-1) / np.linalg.norm(ref, axis=-1)))
   print(f"\nparity  image embeddings vs transformers get_image_features: max |diff| "
         f"{np.max(np.abs(ours - ref)):.2e}, max row-relative {rel:.2e}  "
         f"{'OK' if rel < 1e-4 else 'MISMATCH'}")
 
   # --- (b) train steps
-  config = config_util.recipe(os.path.join(ROOT, "configs", "siglip_b16.py"))
-  config.unlock()
-  config.model = hf.model_config(hf_model.config.to_dict())
+  config.model = hf.model_config(hf_cfg)
   config.batch_size, config.mesh = b, (("data", -1), ("fsdp", 1), ("tensor", 1))
   config.optimizer.warmup_steps = 0
-  oc = config.optimizer
   mesh = parallel.make_mesh(config.mesh)
   tx, lr_fn = optim.build(oc, config.total_steps)
   shardings = train_lib.train_state_shardings(config, model, tx, mesh)
@@ -293,25 +396,6 @@ def main() -> None:
   infer_flops, train_flops = model_flops(jax.device_get(params), config, b)
   xla = {k: float((c.cost_analysis() or {}).get("flops", float("nan")))
          for k, c in (("infer", infer_c), ("train", train_c))}
-
-  decay = [p for n, p in oc_model.named_parameters() if n.endswith(".weight") and p.ndim >= 2]
-  rest = [p for n, p in oc_model.named_parameters() if not (n.endswith(".weight") and p.ndim >= 2)]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
-                           {"params": rest, "weight_decay": 0.0}],
-                          lr=oc.lr, betas=(oc.b1, oc.b2), eps=oc.eps)
-  siglip_loss = open_clip.loss.SigLipLoss()
-  oc_model.train()
-
-  def torch_train():
-    out = oc_model(px_t, tok_t)
-    loss = siglip_loss(out["image_features"], out["text_features"], out["logit_scale"],
-                       out["logit_bias"])
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(oc_model.parameters(), oc.grad_clip_norm)
-    opt.step()
-    return loss.item(), norm.item()
-
   state = make_state(params)
 
   def jax_train():
@@ -321,70 +405,70 @@ def main() -> None:
     return float(metrics["train/loss"]), float(metrics["train/grad_norm"])
 
   if not args.skip_train:
-    (lt, gt), (lj, gj) = torch_train(), jax_train()  # also the warm-up
-    ok = abs(lj - lt) <= 1e-4 * abs(lt) + 1e-5 and abs(gj - gt) <= 1e-3 * abs(gt)
-    print(f"parity  train step 0 vs open_clip (SigLipLoss): loss {lj:.6f} vs {lt:.6f}, "
-          f"grad norm {gj:.6f} vs {gt:.6f}  {'OK' if ok else 'MISMATCH'}")
+    lj, gj = jax_train()  # also the warm-up
+    for side in sides:
+      _, (lt, gt) = side("train")
+      ok = abs(lj - lt) <= 1e-4 * abs(lt) + 1e-5 and abs(gj - gt) <= 1e-3 * abs(gt)
+      print(f"parity  train step 0 vs open_clip (SigLipLoss), torch malloc {side.malloc}: loss "
+            f"{lj:.6f} vs {lt:.6f}, grad norm {gj:.6f} vs {gt:.6f}  {'OK' if ok else 'MISMATCH'}")
 
   # --- (c) matmul ceiling
   n = 2048
-  a_j = jnp.asarray(rs.randn(n, n).astype(np.float32))
-  a_t = torch.from_numpy(np.array(a_j))
+  a_j = jnp.asarray(np.random.RandomState(1).randn(n, n).astype(np.float32))
   mm = jax.jit(lambda x: x @ x).lower(a_j).compile()
 
-  def best_of(fn, k=3):
-    ts = []
-    for _ in range(k):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-    return min(ts)
+  def jax_mm():
+    return min(timed(lambda: jax.block_until_ready(mm(a_j))) for _ in range(3))
 
-  jax_mm = lambda: jax.block_until_ready(mm(a_j))  # noqa: E731
-  torch_mm = lambda: torch.mm(a_t, a_t)  # noqa: E731
-
-  def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-  jax_infer(), torch_infer(), jax_mm(), torch_mm()  # warm-up
-  times = {k: [] for k in ("ti", "ji", "tt", "jt", "tm", "jm")}
+  jax_infer(), jax_mm()  # warm-up
+  for side in sides:
+    side("infer"), side("mm")
+  times = collections.defaultdict(list)
   for _ in range(args.steps):
     times["ji"].append(timed(jax_infer))
-    times["ti"].append(timed(torch_infer))
+    for side in sides:
+      times["ti", side.malloc].append(side("infer")[0])
     if not args.skip_train:
       times["jt"].append(timed(jax_train))
-      times["tt"].append(timed(torch_train))
-    times["jm"].append(best_of(jax_mm))
-    times["tm"].append(best_of(torch_mm))
-  med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+      for side in sides:
+        times["tt", side.malloc].append(side("train")[0])
+    times["jm"].append(jax_mm())
+    for side in sides:
+      times["tm", side.malloc].append(side("mm")[0])
+  for side in sides:
+    side.close()
+  med = {k: statistics.median(v) for k, v in times.items()}
   mm_flops = 2.0 * n ** 3
-  rate_jm, rate_tm = mm_flops / med["jm"], mm_flops / med["tm"]
+  rate_jm = mm_flops / med["jm"]
 
   print(f"\nmedian of {args.steps} interleaved rounds; model FLOPs analytic "
         f"(inference {infer_flops / 1e9:,.1f} GFLOP, train step {train_flops / 1e9:,.1f} GFLOP; "
         f"XLA cost_analysis: {xla['infer'] / 1e9:,.1f} and {xla['train'] / 1e9:,.1f})")
-  head = (f"{'measure':<34}{'torch':>12}{'vlm_jax':>12}{'ratio':>8}"
+  head = (f"{'measure':<34}{'torch malloc':>13}{'torch':>12}{'vlm_jax':>12}{'ratio':>8}"
           f"{'torch GF/s':>12}{'jax GF/s':>10}{'share of jax mm':>18}{'torch/own mm':>14}")
   print(head)
   print("-" * len(head))
-  rows = [("image embedding vs transformers", "ti", "ji", infer_flops, "img/s")]
+  rows = [("image embedding vs transformers", "ti", "ji", infer_flops)]
   if not args.skip_train:
-    rows.append(("train step vs open_clip", "tt", "jt", train_flops, "img/s"))
-  for name, kt, kj, flops, _ in rows:
-    ips_t, ips_j = b / med[kt], b / med[kj]
-    gt, gj = flops / med[kt], flops / med[kj]
-    print(f"{name:<34}{ips_t:>8.2f} i/s{ips_j:>8.2f} i/s{ips_j / ips_t:>7.2f}x"
-          f"{gt / 1e9:>12.1f}{gj / 1e9:>10.1f}{gj / rate_jm:>17.0%} "
-          f"{gt / rate_tm:>13.0%}")
-  print(f"{'2048^3 float32 matmul':<34}{rate_tm / 1e9:>8.1f} GF/s{rate_jm / 1e9:>7.1f} GF/s"
-        f"{rate_jm / rate_tm:>7.2f}x")
+    rows.append(("train step vs open_clip", "tt", "jt", train_flops))
+  for name, kt, kj, flops in rows:
+    for m in mallocs:
+      ips_t, ips_j = b / med[kt, m], b / med[kj]
+      gt, gj = flops / med[kt, m], flops / med[kj]
+      print(f"{name:<34}{m:>13}{ips_t:>8.2f} i/s{ips_j:>8.2f} i/s{ips_j / ips_t:>7.2f}x"
+            f"{gt / 1e9:>12.1f}{gj / 1e9:>10.1f}{gj / rate_jm:>17.0%} "
+            f"{gt / (mm_flops / med['tm', m]):>13.0%}")
+  for m in mallocs:
+    rate_tm = mm_flops / med["tm", m]
+    print(f"{'2048^3 float32 matmul':<34}{m:>13}{rate_tm / 1e9:>8.1f} GF/s{rate_jm / 1e9:>7.1f} GF/s"
+          f"{rate_jm / rate_tm:>7.2f}x")
   print("(ratio = vlm_jax / torch; i/s = images per second; share of jax mm = the model's "
-        "achieved FLOP/s over jax's matmul FLOP/s; torch/own mm = torch's over torch's)")
-  spread = {k: (min(v), max(v)) for k, v in times.items() if v}
+        "achieved FLOP/s over jax's matmul FLOP/s; torch/own mm = torch's over torch's;\n"
+        " torch malloc: default = glibc as open_clip/transformers users run it, tuned = with "
+        "vlm_jax.cpu_runtime.keep_freed_memory())")
   print("per-round seconds (min..max): " + ", ".join(
-      f"{k} {lo:.3f}..{hi:.3f}" for k, (lo, hi) in spread.items()))
+      f"{k if isinstance(k, str) else '/'.join(k)} {min(v):.3f}..{max(v):.3f}"
+      for k, v in times.items()))
 
   if args.profile:
     os.makedirs(args.profile, exist_ok=True)

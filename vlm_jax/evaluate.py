@@ -38,7 +38,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from vlm_jax import checkpoint, config_util, evaluators, logs, models, parallel, tasks
+from vlm_jax import checkpoint, config_util, cpu_runtime, evaluators, logs, models, parallel, tasks
 
 # Its own FlagValues: vlm_jax.train defines --workdir/--config too, and both modules
 # may be imported in one process (tests, notebooks).
@@ -299,6 +299,7 @@ def _run_flags(argv) -> dict:
 
 
 def main(argv):
+  cpu_runtime.tune()  # a CPU-only host: synchronous dispatch, memory kept (no-op elsewhere)
   logs.quiet_libraries()  # the printed results, and library logs from WARNING up
   _run_flags(argv)
 

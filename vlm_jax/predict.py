@@ -59,7 +59,7 @@ from typing import Any, Callable
 import numpy as np
 from absl import app, flags
 
-from vlm_jax import inference, logs
+from vlm_jax import cpu_runtime, inference, logs
 from vlm_jax.data import shapes, sources
 from vlm_jax.data.preprocess import CorruptExampleError, decode_image
 from vlm_jax.numeric import normalize
@@ -420,6 +420,7 @@ def cli(argv: Sequence[str]) -> tuple[list[dict], list[str]]:
 
 
 def main(argv):
+  cpu_runtime.tune()  # a CPU-only host: synchronous dispatch, memory kept (no-op elsewhere)
   logs.quiet_libraries()
   _, errors = _run_flags(argv)
   if errors:

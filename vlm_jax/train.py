@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import logs
-from vlm_jax import config_util, finetune, models, optim, parallel, profiling, tasks
+from vlm_jax import config_util, cpu_runtime, finetune, models, optim, parallel, profiling, tasks
 from vlm_jax.tasks.common import check_batch_size
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -241,6 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the last logged metrics (a dict of python floats).
   """
+  if config.get("tune_cpu", True):
+    cpu_runtime.tune()  # before anything starts jax's backends
   config_util.validate(config)
   task = tasks.get(config)
   task.prepare_config(config)  # e.g. classification's num_classes, before config.json

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -135,6 +136,30 @@ def dot_product_attention_f32(query, key, value, bias=None, mask=None, broadcast
     return jnp.swapaxes(out, -3, -2)
 
 
+def matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` for DenseGeneral layers, as one 2-D matmul where it can be.
+
+    A contraction of ``lhs``'s trailing axes with ``rhs``'s leading axes (no
+    batch axes), e.g. the attention projections [B, L, D] x [D, H, Dh] and
+    [B, L, H, Dh] x [H, Dh, D], is computed as [B*L, K] @ [K, N] and reshaped
+    back: the same function. Given several contracted or free kernel axes,
+    XLA:CPU transposes the kernel into a fresh buffer for the backward pass of
+    every layer; the flat form needs no copy (experiments/cpu_speed.md). Any
+    other contraction goes to ``lax.dot_general`` unchanged.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, k = tuple(lc), tuple(rc), len(lc)
+    if (lb or rb or lc != tuple(range(lhs.ndim - k, lhs.ndim)) or rc != tuple(range(k))
+            or lhs.ndim - k < 1 or rhs.ndim - k < 1):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    free_l, free_r = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
+    kk = math.prod(rhs.shape[:k])
+    out = jax.lax.dot_general(lhs.reshape(-1, kk), rhs.reshape(kk, -1), (((1,), (0,)), ((), ())),
+                              precision=precision, preferred_element_type=preferred_element_type)
+    return out.reshape(free_l + free_r)
+
+
 def layer_norm(name: str | None = None, eps: float = _LN_DEFAULT_EPS, dtype: Dtype = jnp.float32):
     """LayerNorm with logically named scale/bias (["norm"])."""
     return nn.LayerNorm(
@@ -158,6 +183,7 @@ def attention(num_heads: int, *, dtype: Dtype, attention_fn: Callable | None = N
         out_kernel_init=named_init(init, ("heads", "kv", "embed")),
         out_bias_init=named_init(nn.initializers.zeros, ("embed",)),
         attention_fn=attention_fn or dot_product_attention_f32,
+        qkv_dot_general=matmul_dot_general, out_dot_general=matmul_dot_general,
         dropout_rate=dropout_rate, force_fp32_for_softmax=True,
         deterministic=True, name=name)
 
