@@ -4,6 +4,7 @@ r"""SigLIP on CPU: vlm_jax against the PyTorch references, side by side in one r
     python experiments/cpu_vs_torch.py --variant S/16 --image_size 64 --steps 1   # quick smoke
     python experiments/cpu_vs_torch.py --profile /tmp/prof               # + jax traces and op tables
     python experiments/cpu_vs_torch.py --attention flax                  # our attention before issue 12
+    python experiments/cpu_vs_torch.py --no_tune_cpu                     # without vlm_jax.cpu_runtime.tune()
 
 One set of random SigLIP weights (transformers' ``SiglipModel`` with its own
 init, written with save_pretrained and read with ``vlm_jax.interop.hf.load``;
@@ -25,8 +26,15 @@ batch. open_clip builds this model with exact GELU; its GELUs are switched to
 the tanh form SigLIP (and transformers, and we) use, so all three compute the
 same function.
 
+torch runs in processes of its own (spawned; each times its own calls), so
+that it keeps its own allocator: by default one process with glibc's defaults,
+as open_clip and transformers users run it, and one with the malloc settings
+vlm_jax applies to itself (``cpu_runtime.keep_freed_memory``), the stronger
+baseline (``--torch_malloc``). This process applies ``cpu_runtime.tune()`` as
+``python -m vlm_jax.train`` does on a CPU host (``--no_tune_cpu``: not).
+
 Then every measure runs once per round, interleaved (jax and torch inference,
-jax and torch train step, both matmuls), for ``--steps`` rounds after one
+jax and torch train step, the matmuls), for ``--steps`` rounds after one
 untimed warm-up each; the table gives the median over rounds. A shared or busy
 machine moves all numbers, so read the ratios, which are taken within one run.
 

@@ -67,6 +67,8 @@ def test_tune_is_a_no_op_once_backends_run_or_on_accelerator_hosts(monkeypatch):
   assert cpu_runtime.tune() == []
   assert cpu_runtime.accelerator_possible("cuda,cpu") and cpu_runtime.accelerator_possible("tpu")
   assert not cpu_runtime.accelerator_possible("cpu") and not cpu_runtime.accelerator_possible(" cpu ,")
+  # this process simulates 8 CPU devices (conftest): tune() would leave it alone anyway
+  assert cpu_runtime.cpu_device_count() == jax.device_count() == 8
 
 
 @pytest.mark.parametrize("lhs_shape,rhs_shape,dims,flat", [

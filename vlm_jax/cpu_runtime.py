@@ -22,7 +22,10 @@ The compiled programs and their results are unchanged.
 
 ``tune()`` does nothing on a host that may run an accelerator (a GPU or TPU
 plugin installed, or ``JAX_PLATFORMS`` naming anything but cpu), nor once jax's
-backends are running (the dispatch mode is fixed when the CPU client is made).
+backends are running (the dispatch mode is fixed when the CPU client is made),
+nor with several simulated CPU devices (``--xla_force_host_platform_device_count``,
+as the tests use): it was measured on one CPU device, and runs over several
+keep jax's defaults.
 The train program calls it first (``config.tune_cpu``, default True).
 """
 
@@ -35,6 +38,7 @@ import logging
 import os
 import pkgutil
 import platform
+import re
 
 import jax
 
@@ -80,6 +84,16 @@ def accelerator_possible(platforms: str | None = None) -> bool:
   return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
+def cpu_device_count() -> int:
+  """CPU devices jax will make: ``jax_num_cpu_devices``, else XLA_FLAGS'
+  ``--xla_force_host_platform_device_count``, else 1."""
+  n = int(jax.config.jax_num_cpu_devices or -1)
+  if n > 0:
+    return n
+  found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  return int(found[-1]) if found else 1
+
+
 def _glibc():
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return None
@@ -111,7 +125,7 @@ def tune() -> list[str]:
   """
   if _applied:
     return list(_applied)
-  if backends_started() or accelerator_possible():
+  if backends_started() or accelerator_possible() or cpu_device_count() > 1:
     return []
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   _applied.append("jax_cpu_enable_async_dispatch=False")
