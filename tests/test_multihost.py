@@ -148,12 +148,20 @@ def test_two_processes_train_and_resume_like_one_process_with_8_devices(tmp_path
   assert a.step == b.step == STEPS
   # Adam turns float-level differences of near-zero gradients into steps of up to
   # lr (1e-3): parameters agree to 1e-4 absolute, while training moved them by far more.
-  moved = 0.0
-  for x, y, x0 in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables),
-                      jax.tree.leaves(checkpoint.load(one, step=EVERY).variables)):
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-4)
+  # The attention key biases are left out: their gradient is zero in exact arithmetic
+  # (softmax ignores a shift shared by a row's scores), so Adam moves them by float
+  # noise alone, which differs with the order of the cross-process sums.
+  moved, compared = 0.0, 0
+  for (path, x), y, x0 in zip(jax.tree_util.tree_leaves_with_path(a.variables),
+                              jax.tree.leaves(b.variables),
+                              jax.tree.leaves(checkpoint.load(one, step=EVERY).variables)):
+    name = jax.tree_util.keystr(path)
+    if "'key'" in name and "'bias'" in name:
+      continue
+    compared += 1
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-4, err_msg=name)
     moved = max(moved, float(np.max(np.abs(np.asarray(x) - np.asarray(x0)))))
-  assert moved > 1e-3, moved
+  assert moved > 1e-3 and compared > 10, (moved, compared)
 
   # Each process saved its own input-pipeline state; one process saves a plain one.
   data = os.path.join(two, "checkpoints", str(STEPS), "data")
