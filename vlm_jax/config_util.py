@@ -153,9 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Train steps traced with jax.profiler into WORKDIR/profile (TensorBoard / Perfetto):
   # ints and "start:stop" strings, e.g. (5,) or ("10:13",); () = off. See vlm_jax/profiling.py.
   c.profile_steps = ()
-  # On a CPU-only host, run XLA programs on the calling thread and keep freed
-  # memory in the process (vlm_jax/cpu_runtime.py): ~15% faster CPU train steps.
-  # Applied only before jax starts its backends; nothing on GPU/TPU hosts.
+  # On a CPU-only host with one CPU device, run XLA programs on the calling thread
+  # and keep freed memory in the process (vlm_jax/cpu_runtime.py): ~15% faster CPU
+  # train steps. Applied only before jax starts its backends; nothing on GPU/TPU hosts.
   c.tune_cpu = True
   c.model = models.default_config()
   c.optimizer = optim.default_config()

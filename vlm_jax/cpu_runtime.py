@@ -120,8 +120,8 @@ def keep_freed_memory() -> bool:
 def tune() -> list[str]:
   """Applies the CPU-host settings above where they apply; returns what was set.
 
-  Returns ``[]`` (and changes nothing) on accelerator hosts or when jax's
-  backends are already running. Safe to call more than once.
+  Returns ``[]`` (and changes nothing) on accelerator hosts, with several CPU
+  devices, or when jax's backends are already running. Safe to call more than once.
   """
   if _applied:
     return list(_applied)
