@@ -273,12 +273,13 @@ def timed(fn) -> float:
 class TorchSide:
   """A ``torch_worker`` child process (spawned, so no jax state or thread pool is shared)."""
 
-  def __init__(self, malloc: str, *args):
+  def __init__(self, malloc: str, hf_dir: str, variant: str, image_size: int, threads: int,
+               opt: dict, pixels, tokens):
     import multiprocessing  # pylint: disable=import-outside-toplevel
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=torch_worker, args=(child, *args[:5], malloc, *args[5:]),
-                            daemon=True)
+    self.proc = ctx.Process(target=torch_worker, daemon=True, args=(
+        child, hf_dir, variant, image_size, threads, opt, malloc, pixels, tokens))
     self.proc.start()
     self.malloc = malloc
     self.info = self.conn.recv()[1:]
