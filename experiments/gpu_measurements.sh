@@ -1,28 +1,47 @@
 #!/usr/bin/env bash
-# The GPU rows of the README's Measurements, one run after another on one machine:
-# SigLIP B/16 train throughput with cuDNN and reference attention, So400m/14 with
-# cuDNN, then experiments/attention_check.py (each kernel against the float32
-# reference). Each run's whole output goes to $OUT/<name>.log (default ./gpu_logs);
-# the last lines of each are printed as it finishes. A run stops after
-# $STEP_TIMEOUT seconds (default 300), so one hung run cannot eat the others' time.
+# The GPU rows of the README's Measurements, one run after another on one machine,
+# most wanted first:
+#   1. SigLIP B/16 train throughput with cuDNN attention, then 3 traced steps and
+#      the table of where the kernel time went (trace and compiled HLO, gzipped,
+#      go to $OUT as b16_cudnn.xplane.pb.gz / b16_cudnn.hlo.txt.gz);
+#   2. experiments/attention_check.py (each kernel against the float32 reference);
+#   3. So400m/14 with cuDNN attention;
+#   4. B/16 with the reference attention (flax einsums, float32 softmax);
+#   5. B/16 with cuDNN attention at batch 512.
+# Each run's whole output goes to $OUT/<name>.log (default ./gpu_logs); the last
+# lines of each are printed as it finishes. A run stops after $STEP_TIMEOUT seconds
+# (default 300), and no run starts or goes on past $BUDGET seconds from the
+# script's start (default: no limit), so one slow run cannot eat the others' time.
 #
 #   bash experiments/gpu_measurements.sh
+#   BUDGET=420 STEP_TIMEOUT=150 OUT=/tmp/logs bash experiments/gpu_measurements.sh
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 T=experiments/train_throughput.py
+budget=${BUDGET:-1000000}
 
 run() {
   local name=$1; shift
-  echo "== $name: python3 $*"
-  timeout "${STEP_TIMEOUT:-300}" python3 "$@" > "$out/$name.log" 2>&1
+  local left=$((budget - SECONDS)) limit=${STEP_TIMEOUT:-300}
+  if ((left < 30)); then echo "== $name: skipped, ${left} s of the budget left"; return; fi
+  ((left < limit)) && limit=$left
+  echo "== $name (at ${SECONDS} s, limit ${limit} s): python3 $*"
+  timeout "$limit" python3 "$@" > "$out/$name.log" 2>&1
   echo "   exit $?"
-  grep -v -i "warn" "$out/$name.log" | tail -n 18
+  grep -v -i "warn" "$out/$name.log" | tail -n 22
 }
 
-run b16_cudnn $T --variant B/16 --batch 256 --steps 10 --attention cudnn
-run b16_reference $T --variant B/16 --batch 256 --steps 10 --attention reference
-run so400m_cudnn $T --variant So400m/14 --batch 128 --steps 6 --attention cudnn
+prof=${TMPDIR:-/tmp}/vlm_jax_prof_b16
+rm -rf "$prof"
+run b16_cudnn $T --variant B/16 --batch 256 --steps 10 --attention cudnn --profile "$prof"
+xp=$(find "$prof" -name '*.xplane.pb' 2>/dev/null | head -n 1)
+[ -n "$xp" ] && gzip -c "$xp" > "$out/b16_cudnn.xplane.pb.gz"
+[ -f "$prof/train_step.hlo.txt" ] && gzip -c "$prof/train_step.hlo.txt" > "$out/b16_cudnn.hlo.txt.gz"
 run attention_check experiments/attention_check.py --batch 32
+run so400m_cudnn $T --variant So400m/14 --batch 128 --steps 6 --attention cudnn
+run b16_reference $T --variant B/16 --batch 256 --steps 10 --attention reference
+run b16_cudnn_bs512 $T --variant B/16 --batch 512 --steps 6 --attention cudnn
+echo "== done at ${SECONDS} s"

@@ -3,6 +3,7 @@ r"""Images/s and MFU of the real SigLIP train step on synthetic batches.
     python experiments/train_throughput.py --variant B/16 --batch 256 --dtype bfloat16 --steps 20
     python experiments/train_throughput.py --variant B/16 --batch 256 --attention cudnn   # GPU
     python experiments/train_throughput.py --variant S/16 --batch 8 --image_size 64 --steps 3   # CPU smoke
+    python experiments/train_throughput.py --variant B/16 --batch 256 --profile /tmp/prof   # + op kinds
 
 Builds the SigLIP B/16 recipe (configs/siglip_b16.py) with the image tower
 replaced by ``--variant`` (and the text tower by the same size, or
@@ -173,6 +174,22 @@ def run(args) -> dict:
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / args.steps
 
+  op_table = None
+  if args.profile:  # after the timing, so the trace costs the numbers nothing
+    from vlm_jax import profiling  # pylint: disable=import-outside-toplevel
+    os.makedirs(args.profile, exist_ok=True)
+    hlo = compiled.as_text()
+    with open(os.path.join(args.profile, "train_step.hlo.txt"), "w") as f:
+      f.write(hlo)
+    try:
+      with jax.profiler.trace(args.profile):
+        for _ in range(3):
+          state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+      op_table = profiling.format_op_table(profiling.op_time_table(args.profile, hlo))
+    except Exception as e:  # pylint: disable=broad-except
+      op_table = f"  (profiling failed: {e!r}; the timing above stands)"
+
   dev = jax.devices()[0]
   peak = args.peak_tflops or (peak_tflops(dev.device_kind) if dev.platform != "cpu" else None)
   peak_total = peak * 1e12 * jax.device_count() if peak else None
@@ -181,7 +198,8 @@ def run(args) -> dict:
       device=f"{jax.device_count()} x {dev.device_kind} ({dev.platform})",
       platform=dev.platform, params=n_params, compile_s=compile_s, step_s=step_s,
       images_per_s=args.batch / step_s, xla_flops=xla_flops, analytic_flops=model_flops,
-      peak_tflops=peak, peak_total=peak_total, loss=float(metrics["train/loss"]))
+      peak_tflops=peak, peak_total=peak_total, loss=float(metrics["train/loss"]),
+      op_table=op_table)
 
 
 def main() -> None:
@@ -204,6 +222,9 @@ def main() -> None:
                       help="model.image/text.attention kernel (cudnn: GPU, bf16/fp16)")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="peak FLOP/s per device in TFLOP/s (default: from the device table)")
+  parser.add_argument("--profile", default="",
+                      help="directory: after timing, trace 3 steps with jax.profiler there, save "
+                           "the compiled HLO beside it, and print where the time went by op kind")
   parser.add_argument("--cpu_devices", type=int, default=0,
                       help="simulate this many CPU devices (sets XLA_FLAGS; CPU only)")
   args = parser.parse_args()
@@ -239,6 +260,10 @@ def main() -> None:
     print(f"grad_accum_steps={args.grad_accum_steps}: XLA counts the micro-batch loop body "
           "once, and the step runs one extra forward pass (the embedding cache) that the "
           "analytic model FLOPs leave out.")
+  if r["op_table"]:
+    print(f"where the time went (3 traced steps, {'kernel' if r['platform'] == 'gpu' else 'op'} "
+          f"time by kind; trace and HLO in {args.profile}):")
+    print(r["op_table"])
   if r["platform"] == "cpu" and not args.peak_tflops:
     print("On CPU MFU is not meaningful (no peak in the table); images/s is.")
   elif r["peak_total"]:

@@ -142,17 +142,46 @@ _MOVES = {"copy", "transpose", "bitcast", "parameter", "reshape", "broadcast", "
           "get-tuple-element", "iota"}
 
 
+_CUSTOM_CALLS = (  # custom_call_target substrings -> kind (GPU libraries)
+    ("fmha", "attention (cuDNN fused)"), ("flash", "attention (cuDNN fused)"),
+    ("cublas", "matmul (dot)"), ("gemm", "matmul (dot)"), ("matmul", "matmul (dot)"),
+    ("conv", "convolution"),
+)
+
+
+def _custom_call_kind(comps, line: str, depth: int = 0) -> str | None:
+  targets = re.findall(r'custom_call_target="([^"]+)"', line)
+  for name in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+    if depth < 4:
+      targets += [t for inner in comps.get(name, ())
+                  for t in re.findall(r'custom_call_target="([^"]+)"', inner)]
+  for target in targets:
+    low = target.lower()
+    for key, kind in _CUSTOM_CALLS:
+      if key in low:
+        return kind
+  return None
+
+
 def classify(name: str, comps=None, instrs=None) -> str:
-  """Kind of one profiled op, from its HLO (if given) or else its name."""
+  """Kind of one profiled op, from its HLO (if given) or else its name.
+
+  ``name`` is an HLO instruction name (XLA:CPU op events, the ``hlo_op`` of GPU
+  kernels) or, without HLO, a kernel name (cuBLAS ``*gemm*``, cuDNN ``*fmha*``).
+  """
   line = (instrs or {}).get(name)
   if line is None:
     low = name.lower()
-    for kind, keys in (("matmul (dot)", ("dot", "gemm", "matmul", "ynn", "xnn")),
+    for kind, keys in (("attention (cuDNN fused)", ("fmha", "flash")),
+                       ("matmul (dot)", ("dot", "gemm", "matmul", "ynn", "xnn", "xmma", "cutlass")),
                        ("convolution", ("conv",)), ("softmax (exp)", ("exp",)),
                        ("reductions", ("reduce",)), ("copies / transposes", ("copy", "transpose"))):
       if any(k in low for k in keys):
         return kind
     return "other"
+  kind = _custom_call_kind(comps, line)
+  if kind:
+    return kind
   ops = _opcodes(comps, line)
   for kind, keys in _KINDS:
     if ops & keys:
@@ -162,9 +191,21 @@ def classify(name: str, comps=None, instrs=None) -> str:
   return "elementwise"
 
 
+def _stat(event, key: str):
+  for name, value in event.stats:
+    if name == key:
+      return value
+  return None
+
+
 def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str, float, int]]:
-  """(kind, seconds, count) rows, largest first, summed over the XLA threads of the newest
-  trace under ``trace_dir`` (op events only; executor and thread-pool bookkeeping left out)."""
+  """(kind, seconds, count) rows, largest first, from the newest trace under ``trace_dir``.
+
+  XLA:CPU: the op events of the XLA threads (executor and thread-pool bookkeeping
+  left out). GPU: the kernels on the device's streams, each classified by the HLO
+  op that launched it (the ``hlo_op`` stat), so cuBLAS / cuDNN custom calls and
+  fusions are told apart; the seconds are kernel time, not wall time.
+  """
   from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
   files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not files:
@@ -173,15 +214,22 @@ def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str
   comps, instrs = _hlo_index(hlo_text) if hlo_text else ({}, {})
   total, count = collections.Counter(), collections.Counter()
   for plane in data.planes:
+    gpu = plane.name.startswith("/device:GPU")
     if not plane.name.startswith("/host:CPU") and not plane.name.startswith("/device:"):
       continue
     for line in plane.lines:
-      if line.name == "python" or "XLA" not in line.name and not plane.name.startswith("/device"):
+      if gpu:
+        if not line.name.startswith("Stream"):
+          continue  # "XLA Ops" / "XLA Modules" lines summarise the same kernels
+      elif line.name == "python" or "XLA" not in line.name and not plane.name.startswith("/device"):
         continue
       for ev in line.events:
         if ev.name.startswith(_SKIP_EVENTS):
           continue
-        kind = classify(ev.name, comps, instrs)
+        op = _stat(ev, "hlo_op") if gpu else None
+        kind = classify(str(op), comps, instrs) if op else classify(ev.name, comps, instrs)
+        if op and kind == "other":
+          kind = classify(ev.name)
         total[kind] += ev.duration_ns / 1e9
         count[kind] += 1
   return [(k, s, count[k]) for k, s in total.most_common()]
