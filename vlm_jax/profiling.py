@@ -198,6 +198,29 @@ def _stat(event, key: str):
   return None
 
 
+def _gpu_kind(event, comps, instrs, kernels) -> str:
+  """Kind of one GPU kernel: XLA's own kernels are named after their HLO fusion
+  ('.' and '-' as '_'); library kernels (cuBLAS nvjet / cutlass / xmma, cuDNN
+  sdpa) by their names; else by the launching HLO op (``hlo_op``, which is the
+  whole command buffer when XLA replays the step as a CUDA graph)."""
+  name = event.name
+  if name in kernels:
+    return classify(kernels[name], comps, instrs)
+  low = name.lower()
+  if "sdpa" in low or "fmha" in low or "flash" in low or "cudnn::fusion" in low:
+    return "attention (cuDNN fused)"
+  if "fprop" in low or "dgrad" in low or "wgrad" in low or "conv" in low:
+    return "convolution"
+  if any(k in low for k in ("nvjet", "gemm", "xmma", "cutlass", "cublas")):
+    return "matmul (dot)"
+  if low.startswith("memcpy") or low.startswith("memset"):
+    return "copies / transposes"
+  op = _stat(event, "hlo_op")
+  if op and str(op) in instrs:
+    return classify(str(op), comps, instrs)
+  return "other"
+
+
 def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str, float, int]]:
   """(kind, seconds, count) rows, largest first, from the newest trace under ``trace_dir``.
 
@@ -212,6 +235,7 @@ def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str
     raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
   data = ProfileData.from_file(max(files, key=os.path.getmtime))
   comps, instrs = _hlo_index(hlo_text) if hlo_text else ({}, {})
+  kernels = {re.sub(r"[.\-]", "_", name): name for name in instrs}
   total, count = collections.Counter(), collections.Counter()
   for plane in data.planes:
     gpu = plane.name.startswith("/device:GPU")
@@ -226,10 +250,7 @@ def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str
       for ev in line.events:
         if ev.name.startswith(_SKIP_EVENTS):
           continue
-        op = _stat(ev, "hlo_op") if gpu else None
-        kind = classify(str(op), comps, instrs) if op else classify(ev.name, comps, instrs)
-        if op and kind == "other":
-          kind = classify(ev.name)
+        kind = _gpu_kind(ev, comps, instrs, kernels) if gpu else classify(ev.name, comps, instrs)
         total[kind] += ev.duration_ns / 1e9
         count[kind] += 1
   return [(k, s, count[k]) for k, s in total.most_common()]
