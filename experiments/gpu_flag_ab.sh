@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# A/B of attention kernels and XLA GPU flags on the SigLIP B/16 train step, one
-# process per variant, all on the same machine in one call, so the step times are
-# comparable. Each variant is "name|attention|XLA_FLAGS"; the defaults are the
-# cuDNN kernel with XLA's defaults, the same with cuBLASLt (whose epilogues take
-# the bias add and GELU into the matmul), the reference attention, and jax.nn's
-# xla attention. Logs go to $OUT/ab_<name>.log (default ./gpu_logs), the table of
-# step time, images/s and analytic MFU is printed last. A variant stops after
-# $STEP_TIMEOUT s (default 150); none starts past $BUDGET s (default: no limit).
+# A/B of attention kernels, model options and XLA GPU flags on the SigLIP train
+# step (experiments/train_throughput.py), one process per variant, all on the same
+# machine in one call, so the step times are comparable.
 #
-#   bash experiments/gpu_flag_ab.sh
-#   BATCH=256 BUDGET=300 bash experiments/gpu_flag_ab.sh "base|cudnn|" "lt|cudnn|--xla_gpu_enable_cublaslt=true"
+# A variant is "name|XLA_FLAGS|train_throughput arguments", e.g.
+#   "cudnn_lt|--xla_gpu_enable_cublaslt=true|--attention cudnn"
+# Every variant also gets $COMMON (default: --variant B/16 --batch 256 --steps 10),
+# and its own arguments come after, so they win. Logs go to $OUT/ab_<name>.log
+# (default ./gpu_logs); the table of step time, images/s, analytic MFU and
+# compile time is printed last. A variant stops after $STEP_TIMEOUT s (default
+# 150); none starts past $BUDGET s from the start (default: no limit).
+#
+#   bash experiments/gpu_flag_ab.sh                       # the default variants below
+#   BUDGET=300 bash experiments/gpu_flag_ab.sh "base||--attention cudnn" "bs512||--attention cudnn --batch 512"
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -17,24 +20,27 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 budget=${BUDGET:-1000000}
 base_flags=${XLA_FLAGS:-}
+common=${COMMON:---variant B/16 --batch 256 --steps 10}
 variants=("$@")
 if ((${#variants[@]} == 0)); then
-  variants=("cudnn|cudnn|" "cudnn_cublaslt|cudnn|--xla_gpu_enable_cublaslt=true"
-            "reference|reference|" "xla|xla|")
+  variants=("cudnn||--attention cudnn"
+            "cudnn_dots||--attention cudnn --remat_policy dots_saveable"
+            "cudnn_bs512||--attention cudnn --batch 512 --steps 6"
+            "xla||--attention xla"
+            "reference||--attention reference"
+            "cudnn_cublaslt|--xla_gpu_enable_cublaslt=true|--attention cudnn")
 fi
 for v in "${variants[@]}"; do
-  IFS='|' read -r name att flags <<< "$v"
+  IFS='|' read -r name flags extra <<< "$v"
   rm -f "$out/ab_$name.log"
   left=$((budget - SECONDS)) limit=${STEP_TIMEOUT:-150}
   if ((left < 30)); then echo "== $name: skipped, ${left} s of the budget left"; continue; fi
   ((left < limit)) && limit=$left
-  echo "== $name (at ${SECONDS} s): attention=$att XLA_FLAGS=$flags"
+  echo "== $name (at ${SECONDS} s): XLA_FLAGS=$flags; $common $extra"
   xf=$(echo "$base_flags $flags" | xargs)
   if [ -n "$xf" ]; then export XLA_FLAGS="$xf"; else unset XLA_FLAGS; fi
-  timeout "$limit" python3 experiments/train_throughput.py \
-      --variant "${VARIANT:-B/16}" --batch "${BATCH:-256}" --steps "${STEPS:-10}" \
-      --image_size "${IMAGE_SIZE:-224}" \
-      --attention "$att" > "$out/ab_$name.log" 2>&1
+  # shellcheck disable=SC2086  # the argument strings are meant to split
+  timeout "$limit" python3 experiments/train_throughput.py $common $extra > "$out/ab_$name.log" 2>&1
   echo "   exit $?"
 done
 printf "\n%-18s %10s %10s %8s %10s\n" variant "ms/step" "img/s" MFU "compile s"

@@ -4,10 +4,12 @@
 #   1. SigLIP B/16 train throughput with cuDNN attention, then 3 traced steps and
 #      the table of where the kernel time went (trace and compiled HLO, gzipped,
 #      go to $OUT as b16_cudnn.xplane.pb.gz / b16_cudnn.hlo.txt.gz);
-#   2. experiments/attention_check.py (each kernel against the float32 reference);
-#   3. So400m/14 with cuDNN attention;
-#   4. B/16 with the reference attention (flax einsums, float32 softmax);
-#   5. B/16 with cuDNN attention at batch 512.
+#   2. So400m/14 with cuDNN attention, its blocks scanned (model.*.scan: the
+#      unrolled 27-layer towers spend minutes compiling their initialiser alone);
+#   3. experiments/attention_check.py (each kernel against the float32 reference);
+#   4. experiments/gpu_flag_ab.sh with its default variants (B/16: cuDNN with a
+#      remat policy, batch 512, the xla and reference kernels, cuBLASLt), in
+#      whatever budget is left; its logs together in $OUT/ab_all.log.
 # Each run's whole output goes to $OUT/<name>.log (default ./gpu_logs); the last
 # lines of each are printed as it finishes. A run stops after $STEP_TIMEOUT seconds
 # (default 300), and no run starts or goes on past $BUDGET seconds from the
@@ -40,8 +42,13 @@ run b16_cudnn $T --variant B/16 --batch 256 --steps 10 --attention cudnn --profi
 xp=$(find "$prof" -name '*.xplane.pb' 2>/dev/null | head -n 1)
 [ -n "$xp" ] && gzip -c "$xp" > "$out/b16_cudnn.xplane.pb.gz"
 [ -f "$prof/train_step.hlo.txt" ] && gzip -c "$prof/train_step.hlo.txt" > "$out/b16_cudnn.hlo.txt.gz"
+run so400m_cudnn $T --variant So400m/14 --batch 128 --steps 6 --attention cudnn --scan
 run attention_check experiments/attention_check.py --batch 32
-run so400m_cudnn $T --variant So400m/14 --batch 128 --steps 6 --attention cudnn
-run b16_reference $T --variant B/16 --batch 256 --steps 10 --attention reference
-run b16_cudnn_bs512 $T --variant B/16 --batch 512 --steps 6 --attention cudnn
+left=$((budget - SECONDS))
+if ((left >= 60)); then
+  ab=${TMPDIR:-/tmp}/vlm_jax_ab
+  rm -rf "$ab"
+  BUDGET=$left OUT=$ab bash experiments/gpu_flag_ab.sh
+  cat "$ab"/ab_*.log > "$out/ab_all.log" 2>/dev/null  # one file: $OUT brings back few
+fi
 echo "== done at ${SECONDS} s"

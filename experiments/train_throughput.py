@@ -76,6 +76,8 @@ def build_config(args):
   m.image.variant = args.variant
   m.image.image_size = c.pp.image_size = args.image_size
   m.image.remat = m.text.remat = args.remat
+  m.image.remat_policy = m.text.remat_policy = args.remat_policy
+  m.image.scan = m.text.scan = args.scan
   m.image.attention = m.text.attention = args.attention
   m.text.variant = args.text_variant or size
   m.out_dim = None              # the text width
@@ -131,13 +133,20 @@ def run(args) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, ROOT)
-  from vlm_jax import models, optim, parallel, train  # pylint: disable=import-outside-toplevel
+  from vlm_jax import cpu_runtime, models, optim, parallel, train  # pylint: disable=import-outside-toplevel
+
+  if not args.no_tune_cpu:
+    cpu_runtime.tune()  # as vlm_jax.train does (a no-op on accelerator hosts)
+  train.use_compilation_cache(args.compilation_cache_dir)
 
   config = build_config(args)
   mesh = parallel.make_mesh(config.mesh)
   model = models.build(config.model)
   tx, lr_fn = optim.build(config.optimizer, config.total_steps)
+  t0 = time.perf_counter()
   state, shardings = train.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
   n_params = models.count_params(state.params)
 
   size = config.model.image.image_size
@@ -167,7 +176,7 @@ def run(args) -> dict:
 
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
+  jax.block_until_ready(state)
   t0 = time.perf_counter()
   for _ in range(args.steps):
     state, metrics = compiled(state, batch)
@@ -196,7 +205,7 @@ def run(args) -> dict:
   model_flops = analytic_flops(jax.device_get(state.params), config, args.batch)
   return dict(
       device=f"{jax.device_count()} x {dev.device_kind} ({dev.platform})",
-      platform=dev.platform, params=n_params, compile_s=compile_s, step_s=step_s,
+      platform=dev.platform, params=n_params, init_s=init_s, compile_s=compile_s, step_s=step_s,
       images_per_s=args.batch / step_s, xla_flops=xla_flops, analytic_flops=model_flops,
       peak_tflops=peak, peak_total=peak_total, loss=float(metrics["train/loss"]),
       op_table=op_table)
@@ -217,6 +226,12 @@ def main() -> None:
   parser.add_argument("--fsdp", type=int, default=1, help="fsdp mesh axis size")
   parser.add_argument("--tensor", type=int, default=1, help="tensor mesh axis size")
   parser.add_argument("--remat", action="store_true", help="rematerialise transformer blocks")
+  parser.add_argument("--remat_policy", default="",
+                      help="model.image/text.remat_policy: none | full | dots_saveable | "
+                           "dots_with_no_batch_dims_saveable | offload ('' follows --remat)")
+  parser.add_argument("--scan", action="store_true",
+                      help="encoder blocks as one nn.scan (model.image/text.scan): compiles the "
+                           "large variants (So400m/14, g-opt/14) far faster")
   parser.add_argument("--attention", default="reference",
                       choices=["reference", "xla", "cudnn", "auto"],
                       help="model.image/text.attention kernel (cudnn: GPU, bf16/fp16)")
@@ -225,6 +240,11 @@ def main() -> None:
   parser.add_argument("--profile", default="",
                       help="directory: after timing, trace 3 steps with jax.profiler there, save "
                            "the compiled HLO beside it, and print where the time went by op kind")
+  parser.add_argument("--compilation_cache_dir", default="",
+                      help="jax's persistent compilation cache (config.compilation_cache_dir): "
+                           "a second run loads the compiled init and train step from there")
+  parser.add_argument("--no_tune_cpu", action="store_true",
+                      help="leave out vlm_jax.cpu_runtime.tune() (config.tune_cpu=False in training)")
   parser.add_argument("--cpu_devices", type=int, default=0,
                       help="simulate this many CPU devices (sets XLA_FLAGS; CPU only)")
   args = parser.parse_args()
@@ -238,10 +258,13 @@ def main() -> None:
   r = run(args)
   print(f"SigLIP {args.variant} (text {args.text_variant or args.variant.split('/')[0]}) "
         f"{args.image_size}px, batch {args.batch}, {args.dtype}, loss {args.loss}/{args.loss_impl}, "
-        f"grad_accum_steps {args.grad_accum_steps}{', remat' if args.remat else ''}, "
+        f"grad_accum_steps {args.grad_accum_steps}{', remat' if args.remat else ''}"
+        f"{', remat_policy ' + args.remat_policy if args.remat_policy else ''}"
+        f"{', scan' if args.scan else ''}, "
         f"attention {args.attention}")
   print(f"device          {r['device']}")
   print(f"parameters      {r['params']:,}")
+  print(f"init            {r['init_s']:.1f} s  (create_train_state: compile and run)")
   print(f"compile         {r['compile_s']:.1f} s")
   print(f"step time       {r['step_s'] * 1e3:.1f} ms  (mean of {args.steps}, after {args.warmup} warm-up)")
   print(f"images/s        {r['images_per_s']:,.1f}")

@@ -192,6 +192,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
   assert ck.step == 3
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ck.params))
 
+  # Resuming restores into shapes: the random initialiser is neither compiled nor run.
+  def no_init(*a, **k):
+    raise AssertionError("resume ran the random initialiser")
+  monkeypatch.setattr(train, "create_train_state", no_init)
+  last = train.train_and_evaluate(override(c, {"total_steps": 3}), workdir)
+  assert last == {} or last.get("step", 3) == 3
+  restored = checkpoint.load(workdir)
+  assert restored.step == 3
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(ck.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 
 def test_unknown_config_key_is_an_error_that_names_it(tmp_path):
   proc = _run(["--config", "configs/siglip_shapes.py:runlocal", "--workdir", str(tmp_path),

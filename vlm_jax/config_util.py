@@ -157,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
   # and keep freed memory in the process (vlm_jax/cpu_runtime.py): ~15% faster CPU
   # train steps. Applied only before jax starts its backends; nothing on GPU/TPU hosts.
   c.tune_cpu = True
+  # jax's persistent compilation cache: compiled programs are kept in this directory
+  # and reused by any later process with the same program and devices, e.g. a run
+  # resumed after a crash skips compiling its train step. "" = off. Shared by runs.
+  c.compilation_cache_dir = ""
   c.model = models.default_config()
   c.optimizer = optim.default_config()
   c.loss = "sigmoid"                     # "sigmoid" (SigLIP) | "softmax" (CLIP)

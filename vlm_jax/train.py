@@ -95,6 +95,26 @@ def train_state_shardings(config, model, tx, mesh) -> TrainState:
                     model_state=state_shardings)
 
 
+def abstract_train_state(config, model, tx, mesh) -> tuple[TrainState, TrainState]:
+  """(state, state_shardings): the TrainState as ShapeDtypeStructs carrying their
+  shardings, from shapes only. A restore target: resuming needs no random init,
+  so it neither compiles nor runs the initialiser, nor holds a second copy of
+  the state while the checkpoint is read."""
+  args = models.init_inputs(config.model)
+  shardings = train_state_shardings(config, model, tx, mesh)
+
+  def make(key):
+    params, model_state = _split_variables(
+        nn.unbox(finetune.init_variables(config, model, key, *args)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=key, model_state=model_state)
+
+  shapes = jax.eval_shape(make, jax.random.PRNGKey(0))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, shardings
+
+
 def create_train_state(config, model, tx, mesh, rng):
   """Initialises the TrainState directly sharded on ``mesh``.
 
@@ -236,6 +256,24 @@ class _StopSignal:
 
 # ------------------------------------------------------------------ main ---
 
+def use_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> None:
+  """Points jax's persistent compilation cache at ``directory`` ("" leaves it as is).
+
+  Every program that took at least ``min_compile_secs`` to compile is written
+  there, keyed by its HLO, devices, flags and jax version, and later processes
+  load it instead of compiling. A cache already in use elsewhere is re-pointed.
+  """
+  if not directory:
+    return
+  from jax.experimental import compilation_cache as cc  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  if jax.config.jax_compilation_cache_dir != directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    cc.compilation_cache.reset_cache()  # a cache opened before follows the new directory
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
 
@@ -244,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("tune_cpu", True):
     cpu_runtime.tune()  # before anything starts jax's backends
   config_util.validate(config)
+  use_compilation_cache(config.get("compilation_cache_dir", ""))
   task = tasks.get(config)
   task.prepare_config(config)  # e.g. classification's num_classes, before config.json
   parallel.maybe_initialize_distributed()
@@ -261,23 +300,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.build(config.model)
   tx, lr_fn = optim.build(config.optimizer, config.total_steps,
                           trainable=finetune.trainable_fn(config))
-  state, state_shardings = create_train_state(
-      config, model, tx, mesh, jax.random.PRNGKey(config.seed))
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Model has %s parameters", f"{n_params:,}")
-
   ckpt = ckpt_lib.Checkpointer(
       workdir, keep=config.get("keep_checkpoints", 3),
       best_metric=config.get("keep_best_metric") or None)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state, state_shardings = create_train_state(
+        config, model, tx, mesh, jax.random.PRNGKey(config.seed))
+  else:  # the checkpoint holds every value: no random init to compile and run
+    state, state_shardings = abstract_train_state(config, model, tx, mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Model has %s parameters", f"{n_params:,}")
+
   data_iter = iter(task.train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count()))
   start_step = 0
-  latest = ckpt.latest_step()
   if latest is not None:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, state_shardings)
-    state, data_state = ckpt.restore(latest, abstract)
+    state, data_state = ckpt.restore(latest, state)
     if data_state:
       data_iter.set_state(data_state)
     start_step = int(state.step)
