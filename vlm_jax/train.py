@@ -73,6 +73,25 @@ def _split_variables(variables) -> tuple[Any, dict]:
   return variables.pop("params"), variables
 
 
+def _abstract_state(config, model, tx, mesh) -> tuple[TrainState, TrainState]:
+  """(shapes, shardings) of the TrainState, from one ``jax.eval_shape`` of the init."""
+  rules = parallel.rules_for_mesh(mesh, parallel.rules_from_config(config))
+  key = jax.random.PRNGKey(0)
+  boxed = jax.eval_shape(  # with LoRA: the factors beside their kernels
+      lambda k: finetune.init_variables(config, model, k, *models.init_inputs(config.model)), key)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  param_shardings, state_shardings = _split_variables(shardings)
+  abstract_params, abstract_model_state = _split_variables(nn.unbox(boxed))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  repl = parallel.replicated(mesh)
+  opt_shardings = optim.state_shardings(abstract_opt, param_shardings, repl)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                      opt_state=abstract_opt, rng=jax.ShapeDtypeStruct(key.shape, key.dtype),
+                      model_state=abstract_model_state)
+  return shapes, TrainState(step=repl, params=param_shardings, opt_state=opt_shardings,
+                            rng=repl, model_state=state_shardings)
+
+
 def train_state_shardings(config, model, tx, mesh) -> TrainState:
   """The TrainState's NamedShardings on ``mesh``, from shapes only (nothing is allocated).
 
@@ -81,18 +100,19 @@ def train_state_shardings(config, model, tx, mesh) -> TrainState:
   BatchNorm statistics follow their logical axes too (usually replicated);
   step, rng and other optimizer scalars are replicated.
   """
-  rules = parallel.rules_for_mesh(mesh, parallel.rules_from_config(config))
-  key = jax.random.PRNGKey(0)
-  boxed = jax.eval_shape(  # with LoRA: the factors beside their kernels
-      lambda k: finetune.init_variables(config, model, k, *models.init_inputs(config.model)), key)
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  param_shardings, state_shardings = _split_variables(shardings)
-  abstract_params = nn.unbox(boxed)["params"]
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  repl = parallel.replicated(mesh)
-  opt_shardings = optim.state_shardings(abstract_opt, param_shardings, repl)
-  return TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl,
-                    model_state=state_shardings)
+  return _abstract_state(config, model, tx, mesh)[1]
+
+
+def _init_fn(config, model, tx):
+  """``make(init_key, state_rng) -> TrainState``: a fresh state at step 0."""
+  args = models.init_inputs(config.model)
+
+  def make(init_key, state_rng):
+    params, model_state = _split_variables(
+        nn.unbox(finetune.init_variables(config, model, init_key, *args)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng, model_state=model_state)
+  return make
 
 
 def abstract_train_state(config, model, tx, mesh) -> tuple[TrainState, TrainState]:
@@ -100,16 +120,7 @@ def abstract_train_state(config, model, tx, mesh) -> tuple[TrainState, TrainStat
   shardings, from shapes only. A restore target: resuming needs no random init,
   so it neither compiles nor runs the initialiser, nor holds a second copy of
   the state while the checkpoint is read."""
-  args = models.init_inputs(config.model)
-  shardings = train_state_shardings(config, model, tx, mesh)
-
-  def make(key):
-    params, model_state = _split_variables(
-        nn.unbox(finetune.init_variables(config, model, key, *args)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=key, model_state=model_state)
-
-  shapes = jax.eval_shape(make, jax.random.PRNGKey(0))
+  shapes, shardings = _abstract_state(config, model, tx, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
   return abstract, shardings
@@ -124,19 +135,11 @@ def create_train_state(config, model, tx, mesh, rng):
   Returns:
     (state, state_shardings)
   """
-  args = models.init_inputs(config.model)
   init_rng, state_rng = jax.random.split(rng)
   shardings = train_state_shardings(config, model, tx, mesh)
-
-  def make(key):
-    params, model_state = _split_variables(
-        nn.unbox(finetune.init_variables(config, model, key, *args)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng, model_state=model_state)
-
   # No mesh context here: flax's boxed DenseGeneral init would apply logical
   # constraints to kernels before their final reshape; out_shardings suffice.
-  state = jax.jit(make, out_shardings=shardings)(init_rng)
+  state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(init_rng, state_rng)
   return state, shardings
 
 
