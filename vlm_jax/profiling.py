@@ -172,10 +172,12 @@ def classify(name: str, comps=None, instrs=None) -> str:
   line = (instrs or {}).get(name)
   if line is None:
     low = name.lower()
-    for kind, keys in (("attention (cuDNN fused)", ("fmha", "flash")),
-                       ("matmul (dot)", ("dot", "gemm", "matmul", "ynn", "xnn", "xmma", "cutlass")),
-                       ("convolution", ("conv",)), ("softmax (exp)", ("exp",)),
-                       ("reductions", ("reduce",)), ("copies / transposes", ("copy", "transpose"))):
+    for kind, keys in (("attention (cuDNN fused)", ("fmha", "flash", "sdpa", "cudnn::fusion")),
+                       ("convolution", ("conv", "fprop", "dgrad", "wgrad", "nhwc")),
+                       ("matmul (dot)", ("dot", "gemm", "matmul", "ynn", "xnn", "xmma", "cutlass",
+                                         "nvjet", "cublas")),
+                       ("softmax (exp)", ("exp",)), ("reductions", ("reduce",)),
+                       ("copies / transposes", ("copy", "transpose", "memcpy", "memset"))):
       if any(k in low for k in keys):
         return kind
     return "other"
@@ -200,25 +202,16 @@ def _stat(event, key: str):
 
 def _gpu_kind(event, comps, instrs, kernels) -> str:
   """Kind of one GPU kernel: XLA's own kernels are named after their HLO fusion
-  ('.' and '-' as '_'); library kernels (cuBLAS nvjet / cutlass / xmma, cuDNN
-  sdpa) by their names; else by the launching HLO op (``hlo_op``, which is the
-  whole command buffer when XLA replays the step as a CUDA graph)."""
-  name = event.name
-  if name in kernels:
-    return classify(kernels[name], comps, instrs)
-  low = name.lower()
-  if "sdpa" in low or "fmha" in low or "flash" in low or "cudnn::fusion" in low:
-    return "attention (cuDNN fused)"
-  if "fprop" in low or "dgrad" in low or "wgrad" in low or "conv" in low:
-    return "convolution"
-  if any(k in low for k in ("nvjet", "gemm", "xmma", "cutlass", "cublas")):
-    return "matmul (dot)"
-  if low.startswith("memcpy") or low.startswith("memset"):
-    return "copies / transposes"
+  ('.' and '-' as '_'); library kernels (cuBLAS nvjet / xmma, cuDNN sdpa) by their
+  names; else by the launching HLO op (``hlo_op``, which is the whole command
+  buffer when XLA replays the step as a CUDA graph)."""
+  if event.name in kernels:
+    return classify(kernels[event.name], comps, instrs)
+  kind = classify(event.name)
   op = _stat(event, "hlo_op")
-  if op and str(op) in instrs:
+  if kind == "other" and op and str(op) in instrs:
     return classify(str(op), comps, instrs)
-  return "other"
+  return kind
 
 
 def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str, float, int]]:
