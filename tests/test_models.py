@@ -350,6 +350,49 @@ def test_attention_fn_hook_is_used():
     np.testing.assert_allclose(y, y_ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_default_attention_equals_flax_dot_product_attention(dtype):
+    """layers.dot_product_attention_f32 (heads-first layout, normalised after p v) is
+    flax's nn.dot_product_attention(force_fp32_for_softmax=True): outputs with bias, a
+    mask with a fully masked row, and dropout; the sown weights; the gradients."""
+    ks = jax.random.split(jax.random.key(0), 5)
+    q, k, v = (jax.random.normal(t, (2, 5, 3, 4), dtype) for t in ks[:3])
+    bias = jax.random.normal(ks[3], (2, 1, 5, 5))
+    mask = jax.random.bernoulli(ks[4], 0.7, (2, 1, 5, 5)).at[1, 0, 2].set(False)
+    kw = dict(bias=bias, mask=mask, dropout_rate=0.3, dropout_rng=jax.random.key(7),
+              deterministic=False)
+
+    def ours(q, k, v, **kw):
+        return layers.dot_product_attention_f32(q, k, v, **kw)
+
+    def flax_ref(q, k, v, **kw):
+        return nn.dot_product_attention(q, k, v, force_fp32_for_softmax=True, **kw)
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    for extra in ({}, kw):
+        a, b = ours(q, k, v, **extra), flax_ref(q, k, v, **extra)
+        assert a.dtype == b.dtype and a.shape == b.shape == q.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+        ga, gb = (jax.grad(lambda *x, f=f: jnp.sum(f(*x, **extra).astype(jnp.float32) ** 2),
+                           argnums=(0, 1, 2))(q, k, v) for f in (ours, flax_ref))
+        for x, y in zip(ga, gb):
+            np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                       **tol)
+
+    class Sow(nn.Module):
+        fn: object
+
+        @nn.compact
+        def __call__(self, q, k, v):
+            return self.fn(q, k, v, mask=mask, module=self)
+
+    sown = [Sow(f).apply({}, q, k, v, mutable="intermediates")[1]["intermediates"]
+            ["attention_weights"][0] for f in (ours, flax_ref)]
+    assert sown[0].shape == (2, 3, 5, 5)
+    np.testing.assert_allclose(sown[0], sown[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.sum(sown[0], -1), 1.0, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- text behaviour
 
 def _text(**kw):
