@@ -491,7 +491,10 @@ def main() -> None:
       with jax.profiler.trace(trace_dir):
         fn()
       print(f"\nwhere the time went: {name} (trace in {trace_dir})")
-      print(profiling.format_op_table(profiling.op_time_table(trace_dir, compiled.as_text())))
+      hlo = compiled.as_text()
+      print(profiling.format_op_table(profiling.op_time_table(trace_dir, hlo)))
+      print("\n" + profiling.format_op_table(profiling.op_time_table(trace_dir, hlo, by="layer"),
+                                      limit=20, head="model path (blocks folded)"))
 
 
 if __name__ == "__main__":

@@ -195,7 +195,10 @@ def run(args) -> dict:
         for _ in range(3):
           state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-      op_table = profiling.format_op_table(profiling.op_time_table(args.profile, hlo))
+      op_table = (profiling.format_op_table(profiling.op_time_table(args.profile, hlo))
+                  + "\n\n" + profiling.format_op_table(
+                      profiling.op_time_table(args.profile, hlo, by="layer"), limit=20,
+                      head="model path (blocks folded)"))
     except Exception as e:  # pylint: disable=broad-except
       op_table = f"  (profiling failed: {e!r}; the timing above stands)"
 

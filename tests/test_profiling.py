@@ -77,8 +77,8 @@ ENTRY %main (a: bf16[8,4], b: bf16[8,4], c: f32[8,4]) -> bf16[8,4] {
   %a = bf16[8,4]{1,0} parameter(0)
   %b = bf16[8,4]{1,0} parameter(1)
   %c = f32[8,4]{1,0} parameter(2)
-  %loop_add_fusion.33 = bf16[8,4]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add.33
-  %input_reduce_fusion.7 = f32[] fusion(%c), kind=kInput, calls=%fused_reduce.7
+  %loop_add_fusion.33 = bf16[8,4]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add.33, metadata={op_name="jit(step)/jit(main)/img/Transformer/encoderblock_3/MlpBlock_0/add"}
+  %input_reduce_fusion.7 = f32[] fusion(%c), kind=kInput, calls=%fused_reduce.7, metadata={op_name="jit(step)/transpose(jvp(TwoTower))/img/Transformer/encoderblock_11/LayerNorm_0/reduce_sum"}
   ROOT %custom-call.3 = bf16[8,4]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"
 }
 """
@@ -111,6 +111,19 @@ def test_gpu_kernels_are_classified_by_fusion_and_library_names(tmp_path):
   assert rows == {"matmul (dot)": (5, 1), "attention (cuDNN fused)": (4, 1),
                   "elementwise": (3, 1), "reductions": (2, 1), "convolution": (1, 1),
                   "copies / transposes": (0, 1)}, rows
+  # By model path: the HLO's op_name without jit(...)/, block indices folded
+  # (backward ops keep their transpose(jvp(...)) prefix); library kernels whose
+  # launching op has no op_name fall back to their kind.
+  rows = {k: n for k, _, n in profiling.op_time_table(str(tmp_path), _GPU_HLO, by="layer")}
+  assert rows == {"(matmul (dot))": 1, "(attention (cuDNN fused))": 1,
+                  "img/Transformer/encoderblock_*/MlpBlock_0/add": 1,
+                  "transpose(jvp(TwoTower))/img/Transformer/encoderblock_*/LayerNorm_0/reduce_sum": 1,
+                  "(convolution)": 1, "(copies / transposes)": 1}, rows
+  text = profiling.format_op_table(profiling.op_time_table(str(tmp_path), _GPU_HLO, by="layer"),
+                                   limit=2)
+  assert "(4 more)" in text and "(matmul (dot))" in text, text
+  with pytest.raises(ValueError, match="HLO"):
+    profiling.op_time_table(str(tmp_path), by="layer")
   # The library call in the HLO is a matmul by its custom_call_target as well.
   comps, instrs = profiling._hlo_index(_GPU_HLO)  # pylint: disable=protected-access
   assert profiling.classify("custom-call.3", comps, instrs) == "matmul (dot)"

@@ -15,8 +15,10 @@ holds the device time:
 ``op_time_table(trace_dir, hlo_text)`` sums an XLA:CPU trace's op events by
 kind (matmul, attention softmax, GELU, LayerNorm, copies, ...); with the
 compiled HLO text (``jax.jit(f).lower(...).compile().as_text()``) each fusion
-is classified by the ops inside it. experiments/cpu_vs_torch.py --profile
-prints these tables.
+is classified by the ops inside it. ``by="layer"`` sums the same events by the
+model path that emitted them (``img/Transformer/encoderblock_*/MlpBlock_0/...``,
+blocks folded together). experiments/cpu_vs_torch.py --profile and
+train_throughput.py --profile print both tables.
 """
 
 from __future__ import annotations
@@ -214,14 +216,39 @@ def _gpu_kind(event, comps, instrs, kernels) -> str:
   return kind
 
 
-def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str, float, int]]:
+# Repeated blocks whose index a per-layer table folds together ("encoderblock_*").
+_BLOCK_INDEX = re.compile(r"\b(encoderblock|decoderblock|encoder_layer|layers?|blocks?|resblocks)_\d+\b")
+
+
+def _layer(name: str, instrs, kind: str) -> str:
+  """The model path of one profiled op: the ``op_name`` of its HLO instruction
+  without the ``jit(...)/`` prefix, block indices folded; its kind where the HLO
+  has no name for it."""
+  m = re.search(r'op_name="([^"]+)"', (instrs or {}).get(name, ""))
+  if not m:
+    return f"({kind})"
+  path = re.sub(r"^(?:[\w]+\([^)]*\)/)+", "", m.group(1))
+  return _BLOCK_INDEX.sub(r"\1_*", path)
+
+
+def op_time_table(trace_dir: str, hlo_text: str | None = None,
+                  by: str = "kind") -> list[tuple[str, float, int]]:
   """(kind, seconds, count) rows, largest first, from the newest trace under ``trace_dir``.
 
   XLA:CPU: the op events of the XLA threads (executor and thread-pool bookkeeping
   left out). GPU: the kernels on the device's streams, each classified by the HLO
   op that launched it (the ``hlo_op`` stat), so cuBLAS / cuDNN custom calls and
   fusions are told apart; the seconds are kernel time, not wall time.
+  ``by="layer"`` groups by the model path that emitted each op instead (the HLO's
+  ``op_name``, with repeated blocks such as ``encoderblock_3`` folded into
+  ``encoderblock_*``); it needs ``hlo_text``. Seconds are summed per op: where
+  XLA:CPU runs independent ops at once (e.g. two attention projections), each
+  counts its whole duration.
   """
+  if by not in ("kind", "layer"):
+    raise ValueError(f"op_time_table: by must be 'kind' or 'layer', got {by!r}")
+  if by == "layer" and not hlo_text:
+    raise ValueError("op_time_table(by='layer') needs the compiled HLO text")
   from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
   files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not files:
@@ -244,14 +271,25 @@ def op_time_table(trace_dir: str, hlo_text: str | None = None) -> list[tuple[str
         if ev.name.startswith(_SKIP_EVENTS):
           continue
         kind = _gpu_kind(ev, comps, instrs, kernels) if gpu else classify(ev.name, comps, instrs)
+        if by == "layer":
+          op = kernels.get(ev.name) or (str(_stat(ev, "hlo_op") or "") if gpu else ev.name)
+          kind = _layer(op, instrs, kind)
         total[kind] += ev.duration_ns / 1e9
         count[kind] += 1
   return [(k, s, count[k]) for k, s in total.most_common()]
 
 
-def format_op_table(rows: Iterable[tuple[str, float, int]]) -> str:
+def format_op_table(rows: Iterable[tuple[str, float, int]], limit: int | None = None,
+                    head: str = "kind") -> str:
+  """The rows of ``op_time_table`` as text; ``limit`` keeps the largest, and a last
+  row sums the rest."""
   rows = list(rows)
   whole = sum(s for _, s, _ in rows) or 1.0
-  out = [f"  {'kind':<22}{'share':>7}{'seconds':>10}{'ops':>6}"]
-  out += [f"  {k:<22}{s / whole:>7.1%}{s:>10.3f}{n:>6}" for k, s, n in rows]
+  if limit is not None and len(rows) > limit:
+    rest = rows[limit:]
+    rows = rows[:limit] + [(f"({len(rest)} more)", sum(s for _, s, _ in rest),
+                            sum(n for _, _, n in rest))]
+  width = max([22] + [len(k) + 2 for k, _, _ in rows])
+  out = [f"  {head:<{width}}{'share':>7}{'seconds':>10}{'ops':>6}"]
+  out += [f"  {k:<{width}}{s / whole:>7.1%}{s:>10.3f}{n:>6}" for k, s, n in rows]
   return "\n".join(out)
