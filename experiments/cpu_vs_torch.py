@@ -494,7 +494,7 @@ def main() -> None:
       hlo = compiled.as_text()
       print(profiling.format_op_table(profiling.op_time_table(trace_dir, hlo)))
       print("\n" + profiling.format_op_table(profiling.op_time_table(trace_dir, hlo, by="layer"),
-                                      limit=20, head="model path (blocks folded)"))
+                                             limit=20, head="model path (blocks folded)"))
 
 
 if __name__ == "__main__":
