@@ -217,7 +217,8 @@ def _gpu_kind(event, comps, instrs, kernels) -> str:
 
 
 # Repeated blocks whose index a per-layer table folds together ("encoderblock_*").
-_BLOCK_INDEX = re.compile(r"\b(encoderblock|decoderblock|encoder_layer|layers?|blocks?|resblocks)_\d+\b")
+_BLOCK_INDEX = re.compile(
+    r"\b(encoderblock|decoderblock|encoder_layer|layers?|blocks?|resblocks)_\d+\b")
 
 
 def _layer(name: str, instrs, kind: str) -> str:
