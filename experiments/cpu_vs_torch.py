@@ -486,12 +486,12 @@ def main() -> None:
       progs.append(("train", train_c, jax_train))
     for name, compiled, fn in progs:
       trace_dir = os.path.join(args.profile, name)
+      hlo = compiled.as_text()
       with open(os.path.join(args.profile, f"{name}.hlo.txt"), "w") as f:
-        f.write(compiled.as_text())
+        f.write(hlo)
       with jax.profiler.trace(trace_dir):
         fn()
       print(f"\nwhere the time went: {name} (trace in {trace_dir})")
-      hlo = compiled.as_text()
       print(profiling.format_op_table(profiling.op_time_table(trace_dir, hlo)))
       print("\n" + profiling.format_op_table(profiling.op_time_table(trace_dir, hlo, by="layer"),
                                              limit=20, head="model path (blocks folded)"))
